@@ -1,0 +1,48 @@
+"""nnunetv2-dsm: DSM (diffusion + state space models, Wu et al. 2025) as an nnU-Net v2 extension."""
+from setuptools import find_packages, setup
+
+# The repository keeps the converters in a top-level folder `dataset_conversion/`; installed they become the
+# subpackage `nnunetv2_dsm.dataset_conversion`, so site-packages gets no generic top-level name.
+conversion = ["nnunetv2_dsm.dataset_conversion"] + [
+    "nnunetv2_dsm.dataset_conversion." + p for p in find_packages("dataset_conversion")]
+
+setup(
+    name="nnunetv2-dsm",
+    version="0.1.0",
+    description="DSM (k-means Mask Mamba, anomaly prompts, semantic diffusion, CLIP alignment) for nnU-Net v2",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nnunetv2_dsm", "nnunetv2_dsm.*"]) + conversion,
+    package_dir={p: "dataset_conversion" + p[len("nnunetv2_dsm.dataset_conversion"):].replace(".", "/")
+                 for p in conversion},
+    include_package_data=True,
+    install_requires=[
+        "nnunetv2>=2.8.0,<2.9",
+        # users bring their own CUDA build of torch; nnunetv2 itself excludes 2.9.*
+        "torch>=2.1.2,!=2.9.*",
+        "torchvision",
+        "open-clip-torch>=2.23",
+        "numpy",
+        "SimpleITK>=2.2.1",
+        "nibabel",
+        "pydicom>=2.4",
+        "pillow",
+        "scipy",
+        "scikit-learn",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        # CUDA-only kernels; the package falls back to its own selective scan without them
+        "mamba": ["mamba-ssm>=1.2", "causal-conv1d>=1.2"],
+        "test": ["pytest>=7"],
+    },
+    entry_points={
+        "console_scripts": [
+            "nnUNetv2_dsm_ext_path=nnunetv2_dsm.cli.ext_path:main",
+            "nnUNetv2_dsm_train=nnunetv2_dsm.cli.train:main",
+        ],
+    },
+)
