@@ -43,6 +43,12 @@ setup(
         "console_scripts": [
             "nnUNetv2_dsm_ext_path=nnunetv2_dsm.cli.ext_path:main",
             "nnUNetv2_dsm_train=nnunetv2_dsm.cli.train:main",
+            "nnUNetv2_dsm_convert=nnunetv2_dsm.dataset_conversion.cli:convert_main",
+            "nnUNetv2_dsm_merge=nnunetv2_dsm.dataset_conversion.cli:merge_main",
+            "nnUNetv2_dsm_embed_prompts=nnunetv2_dsm.cli.embed_prompts:main",
+            "nnUNetv2_dsm_predict=nnunetv2_dsm.cli.predict:main",
+            "nnUNetv2_dsm_evaluate=nnunetv2_dsm.cli.evaluate:main",
+            "nnUNetv2_dsm_demo=nnunetv2_dsm.cli.demo:main",
         ],
     },
 )
