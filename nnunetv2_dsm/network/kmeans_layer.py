@@ -1,0 +1,119 @@
+"""The k-means Mask Mamba (kMMM) layer: paper §4.1.1, Eq. 8–10 (k-means cross-attention of kMaX-DeepLab with a
+selective SSM over the voxel sequence of the mask logits before the cluster-wise arg-max).
+
+One layer updates N learnable class queries Q (B, N, D) from one scale's pixel features F (B, C, *S):
+
+1. pixel projection P = GELU(GN(Conv1×1(F)))                                              (B, D, *S)
+2. query response (Eq. 9): mask logits M = <L2norm(Conv1×1(P)), Linear(LN(Q))> and the SSM over the voxel
+   sequence of those logits, R = M + Mamba(LN(M)) — tokens are voxels (C-order flatten), channels the N logits
+3. cluster-wise arg-max assignment (Eq. 10), straight-through: hard one-hot forward, softmax gradient backward,
+   so the SSM and the mask head learn (the official code ran both under no_grad: they never trained)
+4. k-means update (Eq. 10): U_n = Σ_v A_nv · V_v, the per-cluster **sum** of values V = Conv1×1(P);
+   Q ← Q + Linear(LN(U))
+5. query self-attention and FFN (pre-norm residual).
+
+R is returned too: it is the layer's prediction (deep supervision trains it, kMaX style) and the organ-query
+response Stage 2 turns into the anomaly prompt.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunetv2_dsm.network.ssm import Mamba
+
+
+def conv1x1(in_ch: int, out_ch: int, ndim: int, bias: bool = True) -> nn.Module:
+    return (nn.Conv3d if ndim == 3 else nn.Conv2d)(in_ch, out_ch, 1, bias=bias)
+
+
+def mask_logits(pixel_embedding: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Query–pixel affinity (the inner product of Eq. 9): pixel_embedding (B, Dm, *S) with unit-norm channels,
+    kernels (B, N, Dm) → logits (B, N, *S)."""
+    b, dm = pixel_embedding.shape[:2]
+    out = torch.bmm(kernels, pixel_embedding.reshape(b, dm, -1))
+    return out.reshape(b, kernels.shape[1], *pixel_embedding.shape[2:])
+
+
+def kmeans_assignment(response: torch.Tensor) -> torch.Tensor:
+    """Cluster-wise arg-max of Eq. 10 with a straight-through gradient.
+
+    response (B, N, T) → assignment (B, N, T): forward value one-hot over N (each voxel joins its arg-max query),
+    gradient that of softmax over N.
+    """
+    soft = response.softmax(dim=1)
+    hard = F.one_hot(response.argmax(dim=1), response.shape[1]).transpose(1, 2).to(soft.dtype)
+    return hard + (soft - soft.detach())  # exactly one-hot in value
+
+
+def kmeans_update(assignment: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """k-means cluster update of Eq. 10 (kMaX): assignment (B, N, T), values (B, D, T) → (B, N, D), the
+    per-cluster sum of the values of the voxels assigned to each query. Computed in float32."""
+    return torch.bmm(assignment.float(), values.float().transpose(1, 2))
+
+
+class VoxelSequenceSSM(nn.Module):
+    """The SSM of Eq. 9 over the voxel sequence of N mask logits: (B, N, *S) → (B, N, *S), residual."""
+
+    def __init__(self, num_queries: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(num_queries)
+        self.mamba = Mamba(d_model=num_queries, d_state=16, d_conv=4, expand=2)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        b, n = logits.shape[:2]
+        tokens = logits.reshape(b, n, -1).transpose(1, 2)  # (B, T, N): voxels in C order
+        out = tokens + self.mamba(self.norm(tokens))
+        return out.transpose(1, 2).reshape(logits.shape)
+
+
+class QuerySelfAttentionFFN(nn.Module):
+    """Pre-norm query self-attention followed by an FFN, (B, N, D) → (B, N, D)."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int):
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm_ffn = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        h = self.norm_attn(q)
+        q = q + self.attn(h, h, h, need_weights=False)[0]
+        return q + self.ffn(self.norm_ffn(q))
+
+
+class KMeansMaskMambaLayer(nn.Module):
+    """One kMMM layer: ``forward(queries (B,N,D), features (B,C,*S)) -> (queries, response (B,N,*S),
+    pixel (B,D,*S), pixel_embedding (B,Dm,*S))``."""
+
+    def __init__(self, feature_channels: int, dim: int, mask_dim: int, num_queries: int, num_heads: int,
+                 ffn_dim: int, ndim: int = 3):
+        super().__init__()
+        self.pixel_proj = nn.Sequential(conv1x1(feature_channels, dim, ndim), nn.GroupNorm(8, dim), nn.GELU())
+        self.pixel_embed = conv1x1(dim, mask_dim, ndim)
+        self.query_norm = nn.LayerNorm(dim)
+        self.query_kernel = nn.Linear(dim, mask_dim)
+        self.ssm = VoxelSequenceSSM(num_queries)
+        self.values = conv1x1(dim, dim, ndim)
+        self.update_norm = nn.LayerNorm(dim)
+        self.update_proj = nn.Linear(dim, dim)
+        self.query_mixing = QuerySelfAttentionFFN(dim, num_heads, ffn_dim)
+
+    def response(self, queries: torch.Tensor, pixel: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 9: mask logits of every query then the voxel-sequence SSM. Returns (response, pixel_embedding)."""
+        pixel_embedding = F.normalize(self.pixel_embed(pixel), dim=1)
+        logits = mask_logits(pixel_embedding, self.query_kernel(self.query_norm(queries)))
+        return self.ssm(logits), pixel_embedding
+
+    def forward(self, queries: torch.Tensor, features: torch.Tensor):
+        pixel = self.pixel_proj(features)
+        response, pixel_embedding = self.response(queries, pixel)
+        b, n = response.shape[:2]
+        assignment = kmeans_assignment(response.reshape(b, n, -1))
+        update = kmeans_update(assignment, self.values(pixel).reshape(b, pixel.shape[1], -1)).to(queries.dtype)
+        queries = queries + self.update_proj(self.update_norm(update))
+        return self.query_mixing(queries), response, pixel, pixel_embedding

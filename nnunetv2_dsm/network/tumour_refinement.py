@@ -1,0 +1,67 @@
+"""Diffusion-guided query refinement (DQR) of the tumour queries: paper §4.2.1–4.2.2, Eq. 14–19.
+
+At kMMM scale l (coarse → fine), after the organ queries' kMMM update:
+
+1. anomaly mask visual prompt from the organ-query responses R_l (Eq. 14–15): voxels whose normalised
+   −max_n R_l exceeds 0.5 are the ones tumour queries may attend to;
+2. semantic diffusion of the scale's features F_l guided by the coarser scale's enhanced features (Eq. 16–18;
+   the coarsest scale guides itself);
+3. prompt-masked cross-attention of the tumour queries over the enhanced features (Eq. 19);
+4. organ and tumour queries concatenated → self-attention → FFN ("we then concatenate organ and tumour queries
+   and apply self-attention among them");
+5. per-layer tumour mask logits for deep supervision.
+
+After the last scale the full-resolution decoder feature is diffused once more, guided by the finest enhanced
+feature, before the final pixel embedding (the official model's post-diffusion at full resolution).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from nnunetv2_dsm.labels import NUM_TUMOURS
+from nnunetv2_dsm.network.anomaly import anomaly_prompt
+from nnunetv2_dsm.network.kmeans_layer import mask_logits
+from nnunetv2_dsm.network.prompt_attention import PromptMaskedCrossAttention, QueryInteraction
+from nnunetv2_dsm.network.semantic_diffusion import SemanticDiffusion
+
+
+class TumourQueryRefinement(nn.Module):
+    def __init__(self, feature_channels: Sequence[int], decoder_channels: int, arch, ndim: int = 3):
+        super().__init__()
+        chans = list(feature_channels)
+        self.queries = nn.Parameter(torch.randn(NUM_TUMOURS, arch.dim) * 0.02)
+        self.diffusion = nn.ModuleList(SemanticDiffusion(c, chans[max(i - 1, 0)]) for i, c in enumerate(chans))
+        self.cross_attention = nn.ModuleList(
+            PromptMaskedCrossAttention(arch.dim, c, num_heads=arch.num_heads) for c in chans)
+        self.interaction = nn.ModuleList(
+            QueryInteraction(arch.dim, num_heads=arch.num_heads, ffn_dim=arch.ffn_dim) for _ in chans)
+        self.kernel_norm = nn.ModuleList(nn.LayerNorm(arch.dim) for _ in chans)
+        self.kernel = nn.ModuleList(nn.Linear(arch.dim, arch.mask_dim) for _ in chans)
+        self.final_diffusion = SemanticDiffusion(decoder_channels, chans[-1])
+
+    def init_state(self, batch_size: int) -> Dict:
+        return {"queries": self.queries.expand(batch_size, -1, -1), "guide": None, "layer": 0}
+
+    def refine(self, organ_queries: torch.Tensor, state: Dict, features: torch.Tensor,
+               organ_response: torch.Tensor, pixel_embedding: torch.Tensor):
+        """One scale: organ queries (B, No, D), features (B, C, *S), organ responses (B, No, *S), that layer's
+        unit pixel embedding (B, Dm, *S) → (organ queries, new state, tumour logits (B, Nt, *S))."""
+        i = state["layer"]
+        _, attend = anomaly_prompt(organ_response)
+        guide = features if state["guide"] is None else state["guide"]
+        enhanced = self.diffusion[i](features, guide)
+        tumour = self.cross_attention[i](state["queries"], enhanced, attend)
+        both = self.interaction[i](torch.cat((organ_queries, tumour), 1))
+        organ_queries, tumour = both[:, :organ_queries.shape[1]], both[:, organ_queries.shape[1]:]
+        logits = mask_logits(pixel_embedding, self.kernel[i](self.kernel_norm[i](tumour)))
+        return organ_queries, {"queries": tumour, "guide": enhanced, "layer": i + 1}, logits
+
+    def refine_decoded(self, decoded: torch.Tensor, state: Dict) -> torch.Tensor:
+        """Full-resolution decoder feature (B, Cd, *S) diffused under the finest enhanced feature's guidance."""
+        return self.final_diffusion(decoded, state["guide"])
+
+    def extra_repr(self) -> str:
+        return f"scales={len(self.diffusion)}, tumour_queries={self.queries.shape[0]}"

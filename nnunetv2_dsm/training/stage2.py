@@ -1,0 +1,98 @@
+"""DSM Stage 2 trainer and the Stage 1 → Stage 2 hand-over.
+
+Stage 2 starts from the Stage 1 model of the same dataset, plans, configuration and fold. It is found by
+convention at ``$nnUNet_results/<Dataset>/<Stage1 trainer>__<plans>__<configuration>/fold_<f>/checkpoint_final.pth``
+or given explicitly with the environment variable ``nnUNet_dsm_stage1_checkpoint`` (a path to a .pth).
+Every weight whose name and shape match is loaded (backbone, organ queries, kMMM layers, final head); the log
+lists the modules Stage 2 adds (tumour queries, diffusion, prompt attention, alignment), which start fresh.
+The CLIP class-prompt embeddings are read from the dataset's cache (``nnUNetv2_dsm_embed_prompts -d ID``).
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Dict, List, Tuple
+
+import torch
+from nnunetv2.paths import nnUNet_results
+
+from nnunetv2_dsm.training.trainers import TINY_ARCHITECTURE, nnUNetTrainerDSMBase, unwrap
+
+STAGE1_CHECKPOINT_ENV = "nnUNet_dsm_stage1_checkpoint"
+
+
+class Stage1CheckpointError(FileNotFoundError):
+    pass
+
+
+def transfer_weights(network: torch.nn.Module, stage1_state: Dict[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
+    """Load every tensor of ``stage1_state`` whose name and shape match into ``network``.
+    Returns (loaded keys, keys of ``network`` left at their initialisation)."""
+    own = network.state_dict()
+    matched = {k: v for k, v in stage1_state.items() if k in own and own[k].shape == v.shape}
+    mismatched = sorted(k for k in stage1_state if k in own and own[k].shape != stage1_state[k].shape)
+    if mismatched:
+        raise RuntimeError(f"Stage 1 weights do not fit the Stage 2 network (same plans and architecture "
+                           f"needed): shape mismatch for {mismatched[:5]}")
+    network.load_state_dict(matched, strict=False)
+    return sorted(matched), sorted(k for k in own if k not in matched)
+
+
+def summarize_modules(keys: List[str]) -> str:
+    counts = Counter(".".join(k.split(".")[:2]) for k in keys)
+    return ", ".join(f"{m} ({n})" for m, n in sorted(counts.items()))
+
+
+class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
+    """DSM Stage 2: tumour queries with anomaly prompts, semantic diffusion, prompt-masked attention and CLIP
+    class-prompt alignment, on the organ datasets plus the tumour datasets."""
+    dsm_stage = 2
+    stage1_trainer_name = "nnUNetTrainerDSMStage1"
+
+    def stage1_checkpoint_path(self) -> str:
+        explicit = os.environ.get(STAGE1_CHECKPOINT_ENV)
+        if explicit:
+            return explicit
+        folder = f"{self.stage1_trainer_name}__{self.plans_manager.plans_name}__{self.configuration_name}"
+        return os.path.join(os.fspath(nnUNet_results), self.plans_manager.dataset_name, folder,
+                            f"fold_{self.fold}", "checkpoint_final.pth")
+
+    def load_stage1(self) -> None:
+        path = self.stage1_checkpoint_path()
+        if not os.path.isfile(path):
+            raise Stage1CheckpointError(
+                f"no Stage 1 checkpoint at {path}. Train Stage 1 first (nnUNetv2_train "
+                f"{self.plans_manager.dataset_name} {self.configuration_name} {self.fold} -tr "
+                f"{self.stage1_trainer_name} -p {self.plans_manager.plans_name}) or point "
+                f"{STAGE1_CHECKPOINT_ENV} at a Stage 1 checkpoint_final.pth.")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if checkpoint.get("trainer_name", "").find("DSMStage1") < 0:
+            self.print_to_log_file(f"WARNING: {path} was written by {checkpoint.get('trainer_name')}, "
+                                   f"not a DSM Stage 1 trainer")
+        loaded, fresh = transfer_weights(unwrap(self.network), checkpoint["network_weights"])
+        self.print_to_log_file(f"Stage 1 → Stage 2: loaded {len(loaded)} tensors from {path}")
+        self.print_to_log_file(f"New in Stage 2 (trained from scratch): {summarize_modules(fresh)}")
+
+    def load_text_embeddings(self) -> None:
+        from nnunetv2_dsm.text import load_class_embeddings
+        embeddings, info = load_class_embeddings(self.preprocessed_dataset_folder_base)
+        unwrap(self.network).alignment.set_text_embeddings(embeddings)
+        self.print_to_log_file(f"CLIP class-prompt embeddings: {info}")
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.current_epoch == 0:  # a fresh run; `--c` resumes from this stage's own checkpoint instead
+            self.load_stage1()
+            self.load_text_embeddings()
+
+
+class nnUNetTrainerDSMStage2_tiny(nnUNetTrainerDSMStage2):
+    """Stage 2 for tests and demos; starts from nnUNetTrainerDSMStage1_tiny."""
+    dsm_architecture = TINY_ARCHITECTURE
+    stage1_trainer_name = "nnUNetTrainerDSMStage1_tiny"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 1
+        self.initial_lr = 1e-3

@@ -1,0 +1,172 @@
+"""DSM trainers for the stock ``nnUNetv2_train``: thin nnUNetTrainer subclasses overriding nnU-Net's hooks.
+
+    nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerDSMStage1
+    nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerDSMStage2      # starts from the Stage 1 checkpoint
+
+What they change, hook by hook: ``build_network_architecture`` builds the DSM network around the planned U-Net;
+``_get_deep_supervision_scales`` lists one target resolution per kMMM layer; ``_build_loss`` is the partial-label
+Dice+BCE; ``train_step``/``validation_step`` look each case's annotated classes up in the dataset.json manifest
+via ``batch['keys']``; ``do_split`` keeps nnU-Net's 5-fold split but only the cases of the stage's source datasets;
+``configure_optimizers`` uses AdamW (paper §5.3) with nnU-Net's poly schedule.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+
+from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS
+from nnunetv2_dsm.manifest import load_manifest
+from nnunetv2_dsm.network.backbone import PlansError, build_unet_features, kmmm_stage_indices, stage_scales
+from nnunetv2_dsm.network.dsm import DSMArchitecture, DSMNetwork
+from nnunetv2_dsm.training.loss import DSMLoss, masked_tp_fp_fn
+
+TINY_ARCHITECTURE = DSMArchitecture(dim=64, mask_dim=32, pixel_dim=16, num_heads=4, ffn_dim=128)
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The DSMNetwork inside DDP and/or torch.compile wrappers."""
+    network = getattr(network, "module", network)
+    return getattr(network, "_orig_mod", network)
+
+
+class nnUNetTrainerDSMBase(nnUNetTrainer):
+    """Shared by both stages. Not meant to be trained directly: use nnUNetTrainerDSMStage1 / ...Stage2."""
+    dsm_stage = 1
+    dsm_architecture = DSMArchitecture()
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-4      # AdamW as in the paper (§5.3) and the official code
+        self.weight_decay = 1e-5
+        where = os.path.join(self.preprocessed_dataset_folder_base or "<nnUNet_preprocessed>/<dataset>", "dataset.json")
+        self.manifest = load_manifest(dataset_json, where=where)
+
+    # ---- network -------------------------------------------------------------------------------------------------
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True):
+        """Inference calls this too (nnUNetv2_predict finds the trainer by name): it may only use its arguments."""
+        if num_output_channels != NUM_CLASSES:
+            raise PlansError(
+                f"the dataset declares {num_output_channels} segmentation outputs but DSM predicts the {NUM_CLASSES} "
+                f"classes of nnunetv2_dsm.labels. Build dataset.json with nnUNetv2_dsm_convert / nnUNetv2_dsm_merge "
+                f"(labels = nnunetv2_dsm.labels.dataset_json_labels(), regions_class_order = "
+                f"nnunetv2_dsm.labels.regions_class_order()).")
+        arch = DSMArchitecture.from_plans(configuration_manager.configuration, cls.dsm_architecture)
+        backbone = build_unet_features(configuration_manager, num_input_channels)
+        return DSMNetwork(backbone, cls.dsm_stage, arch, ndim=len(configuration_manager.patch_size),
+                          deep_supervision=enable_deep_supervision)
+
+    def _get_deep_supervision_scales(self):
+        """Full resolution for the final masks, then each kMMM layer's own resolution, fine → coarse."""
+        if not self.enable_deep_supervision:
+            return None
+        scales = stage_scales(self.configuration_manager.pool_op_kernel_sizes)
+        return [[1.0] * len(scales[0])] + [scales[i] for i in kmmm_stage_indices(len(scales))[::-1]]
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        unwrap(self.network).deep_supervision = enabled
+
+    def _do_i_compile(self):
+        # torch.compile only on explicit request: the chunked scan's Python control flow recompiles a lot
+        return self.device.type == "cuda" and os.environ.get("nnUNet_compile", "").lower() in ("1", "true", "t")
+
+    def _build_loss(self):
+        n_outputs = 1 + len(kmmm_stage_indices(len(self.configuration_manager.pool_op_kernel_sizes))) \
+            if self.enable_deep_supervision else 1
+        return DSMLoss(n_outputs, alignment_weight=1.0 if self.dsm_stage == 2 else 0.0)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.network.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.initial_lr)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    # ---- data ----------------------------------------------------------------------------------------------------
+    def do_split(self):
+        """nnU-Net's split (splits_final.json or its seeded 5-fold CV), restricted to this stage's training cases:
+        Stage 1 the organ datasets, Stage 2 those plus the tumour datasets (manifest ``stage``)."""
+        tr_keys, val_keys = super().do_split()
+        allowed = set(self.manifest.training_cases(self.dsm_stage))
+        tr = [k for k in tr_keys if k in allowed]
+        val = [k for k in val_keys if k in allowed]
+        dropped = len(tr_keys) + len(val_keys) - len(tr) - len(val)
+        self.print_to_log_file(f"DSM Stage {self.dsm_stage}: {len(tr)} training / {len(val)} validation cases "
+                               f"({dropped} cases of other stages or subsets left out)")
+        if not tr or not val:
+            raise RuntimeError(f"fold {self.fold} has no Stage {self.dsm_stage} training or validation cases. "
+                               f"Sources by case count: {self.manifest.sources()}. Stage 1 trains on the organ "
+                               f"datasets of the manifest (stage 1); Stage 2 adds stage-2 sources.")
+        return tr, val
+
+    def annotated_classes(self, keys) -> torch.Tensor:
+        """(B, 45) bool on the device: the classes each case of the batch annotates (organs only in Stage 1)."""
+        mask = self.manifest.annotated_mask([str(k) for k in keys])
+        if self.dsm_stage == 1:
+            mask[:, NUM_ORGANS:] = False
+        return torch.from_numpy(mask).to(self.device)
+
+    def _to_device(self, batch: dict):
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        return data, target, self.annotated_classes(batch["keys"])
+
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    # ---- steps ---------------------------------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> dict:
+        data, target, annotated = self._to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            output, extras = self.network(data, return_extras=True)
+            loss = self.loss(output, target, annotated, extras)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        data, target, annotated = self._to_device(batch)
+        with torch.no_grad(), self._autocast():
+            output, extras = self.network(data, return_extras=True)
+            loss = self.loss(output, target, annotated, extras)
+        if self.enable_deep_supervision:
+            output, target = output[0], target[0]
+        tp, fp, fn = masked_tp_fp_fn(output, target, annotated)
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
+
+
+class nnUNetTrainerDSMStage1(nnUNetTrainerDSMBase):
+    """DSM Stage 1: organ queries and the kMMM decoder, trained on the organ datasets."""
+    dsm_stage = 1
+
+
+class nnUNetTrainerDSMStage1_tiny(nnUNetTrainerDSMStage1):
+    """Stage 1 for tests and demos: narrow decoders, 2 epochs of 3 iterations."""
+    dsm_architecture = TINY_ARCHITECTURE
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 1
+        self.initial_lr = 1e-3

@@ -1,0 +1,40 @@
+"""Shared helpers for the DSM network/trainer tests: a small planned configuration and its network."""
+from __future__ import annotations
+
+import torch
+
+from nnunetv2_dsm.network.backbone import UNetFeatures
+from nnunetv2_dsm.network.dsm import DSMNetwork
+from nnunetv2_dsm.training.trainers import TINY_ARCHITECTURE
+
+
+def plain_unet_kwargs(n_stages: int = 4, ndim: int = 3, base: int = 8):
+    conv = "torch.nn.modules.conv.Conv3d" if ndim == 3 else "torch.nn.modules.conv.Conv2d"
+    norm = "torch.nn.modules.instancenorm.InstanceNorm3d" if ndim == 3 else "torch.nn.modules.instancenorm.InstanceNorm2d"
+    return {
+        "n_stages": n_stages,
+        "features_per_stage": [min(base * 2 ** i, 64) for i in range(n_stages)],
+        "conv_op": conv,
+        "kernel_sizes": [[3] * ndim] * n_stages,
+        "strides": [[1] * ndim] + [[2] * ndim] * (n_stages - 1),
+        "n_conv_per_stage": [1] * n_stages,
+        "n_conv_per_stage_decoder": [1] * (n_stages - 1),
+        "conv_bias": True,
+        "norm_op": norm,
+        "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "dropout_op": None, "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+    }
+
+
+def build_backbone(n_stages: int = 4, ndim: int = 3, base: int = 8) -> UNetFeatures:
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    kw = plain_unet_kwargs(n_stages, ndim, base)
+    unet = get_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet", kw,
+                                  ["conv_op", "norm_op", "dropout_op", "nonlin"], 1, 1, deep_supervision=False)
+    return UNetFeatures(unet)
+
+
+def tiny_network(stage: int, n_stages: int = 4, ndim: int = 3, seed: int = 0) -> DSMNetwork:
+    torch.manual_seed(seed)
+    return DSMNetwork(build_backbone(n_stages, ndim), stage, TINY_ARCHITECTURE, ndim=ndim, deep_supervision=True)

@@ -1,0 +1,97 @@
+"""End to end through the real nnU-Net command-line tools on a tiny phantom dataset.
+
+nnUNetv2_plan_and_preprocess → nnUNetv2_train -tr nnUNetTrainerDSMStage1_tiny → nnUNetv2_predict, then Stage 2
+(_tiny) starting from that Stage 1 checkpoint, all as subprocesses with nnUNet_extTrainer pointing at the
+package's trainer folder, exactly as a user runs them.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunetv2_dsm import phantom
+from nnunetv2_dsm.labels import MAX_LABEL, ORGAN_NAMES, decode
+from nnunetv2_dsm.nnunet_ext import EXT_TRAINER_DIR
+
+pytestmark = pytest.mark.slow
+BIN = os.path.dirname(sys.executable)
+DATASET = "Dataset901_DSMPhantom"
+SHAPE = (40, 40, 40)
+ORGANS_A = ["Liver", "Spleen", "Right Kidney", "Left Kidney"]
+ORGANS_B = ["Liver", "Stomach", "Aorta", "Pancreas", "Right Lung", "Left Lung", "Bladder"]
+
+
+def _cases():
+    cases = []
+    for i in range(6):
+        cases.append(dict(case_id=f"OrgA_{i:03d}", source="btcv", annotated=ORGANS_A, seed=i, shape=SHAPE))
+        cases.append(dict(case_id=f"OrgB_{i:03d}", source="word", annotated=ORGANS_B, seed=100 + i, shape=SHAPE))
+    for i in range(3):
+        cases.append(dict(case_id=f"Tum_{i:03d}", source="lits", annotated=["Liver", "Liver Tumor"], seed=200 + i,
+                          shape=SHAPE, tumours=["Liver Tumor"]))
+    cases.append(dict(case_id="Test_000", source="lits", annotated=["Liver", "Liver Tumor"], seed=300, shape=SHAPE,
+                      tumours=["Liver Tumor"], subset="test"))
+    return cases
+
+
+def run(cmd, env, timeout=900):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def nnunet_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet")
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"), nnUNet_extTrainer=EXT_TRAINER_DIR,
+               nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", nnUNet_compile="0", OMP_NUM_THREADS="2",
+               PATH=BIN + os.pathsep + env.get("PATH", ""))
+    phantom.write_raw_dataset(str(root / "raw" / DATASET), _cases())
+    run(["nnUNetv2_plan_and_preprocess", "-d", "901", "-c", "3d_fullres", "-np", "1", "-npfp", "1",
+         "--verify_dataset_integrity"], env)
+    # a fixed split whose validation fold holds organ cases of both sources and a tumour case
+    train = [c["case_id"] for c in _cases() if c.get("subset", "train") == "train"]
+    val = ["OrgA_000", "OrgB_000", "Tum_000"]
+    with open(root / "preprocessed" / DATASET / "splits_final.json", "w") as f:
+        json.dump([{"train": [c for c in train if c not in val], "val": val}], f)
+    return root, env
+
+
+@pytest.fixture(scope="module")
+def stage1(nnunet_env):
+    root, env = nnunet_env
+    log = run(["nnUNetv2_train", "901", "3d_fullres", "0", "-tr", "nnUNetTrainerDSMStage1_tiny", "-device", "cpu"], env)
+    return root, env, log
+
+
+def _check_prediction(pred_file, image_file):
+    pred, img = sitk.ReadImage(str(pred_file)), sitk.ReadImage(str(image_file))
+    assert pred.GetSize() == img.GetSize()
+    np.testing.assert_allclose(pred.GetSpacing(), img.GetSpacing())
+    np.testing.assert_allclose(pred.GetOrigin(), img.GetOrigin())
+    np.testing.assert_allclose(pred.GetDirection(), img.GetDirection())
+    values = np.unique(sitk.GetArrayFromImage(pred))
+    assert values.min() >= 0 and values.max() <= MAX_LABEL
+    decode(values)  # every value is part of the DSM encoding
+    return values
+
+
+def test_stage1_tiny_trains_and_predicts_through_the_stock_commands(stage1):
+    root, env, log = stage1
+    out_dir = root / "results" / DATASET / "nnUNetTrainerDSMStage1_tiny__nnUNetPlans__3d_fullres" / "fold_0"
+    assert (out_dir / "checkpoint_final.pth").is_file()
+    assert "DSM Stage 1: 10 training / 2 validation cases" in (out_dir.glob("training_log_*.txt").__next__()).read_text()
+    pred = root / "pred_stage1"
+    run(["nnUNetv2_predict", "-i", str(root / "raw" / DATASET / "imagesTs"), "-o", str(pred), "-d", "901", "-c",
+         "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerDSMStage1_tiny", "-device", "cpu", "-npp", "1", "-nps", "1"],
+        env)
+    values = _check_prediction(pred / "Test_000.nii.gz", root / "raw" / DATASET / "imagesTs" / "Test_000_0000.nii.gz")
+    assert values.max() <= len(ORGAN_NAMES)  # Stage 1 never predicts tumours

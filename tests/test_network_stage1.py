@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+import torch
+
+from _dsm_helpers import build_backbone, tiny_network
+from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS
+from nnunetv2_dsm.network.backbone import PlansError, kmmm_stage_indices
+from nnunetv2_dsm.network.dsm import ABSENT_LOGIT
+from nnunetv2_dsm.network.kmeans_layer import kmeans_assignment, kmeans_update, mask_logits
+from nnunetv2_dsm.training.loss import DSMLoss, partial_label_dice_bce
+
+
+def _targets(outputs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand((o.shape[0], NUM_CLASSES, *o.shape[2:]), generator=g) > 0.7 for o in outputs]
+
+
+def test_stage1_shapes_and_deep_supervision_outputs():
+    net = tiny_network(stage=1)
+    x = torch.randn(2, 1, 32, 32, 32)
+    out = net(x)
+    assert [tuple(o.shape) for o in out] == [(2, 45, 32, 32, 32), (2, 25, 32, 32, 32), (2, 25, 16, 16, 16),
+                                             (2, 25, 8, 8, 8), (2, 25, 4, 4, 4)]
+    assert torch.all(out[0][:, NUM_ORGANS:] == ABSENT_LOGIT)  # no tumour queries in Stage 1
+    net.deep_supervision = False
+    assert tuple(net(x).shape) == (2, 45, 32, 32, 32)
+
+
+def test_every_trainable_parameter_gets_a_nonzero_gradient_after_one_stage1_step():
+    """Guards the two deliberate fixes of the official code: the SSM (straight-through assignment) and the
+    per-layer mask heads (auxiliary losses) must train."""
+    net = tiny_network(stage=1)
+    x = torch.randn(2, 1, 32, 32, 32)
+    out = net(x)
+    annotated = torch.zeros(2, NUM_CLASSES, dtype=torch.bool)
+    annotated[:, :NUM_ORGANS] = True
+    DSMLoss(len(out))(out, _targets(out), annotated).backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert any("ssm.mamba" in n for n, _ in net.named_parameters())
+
+
+def test_assignment_is_hard_forward_and_soft_backward():
+    r = torch.randn(2, 5, 7, requires_grad=True)
+    a = kmeans_assignment(r)
+    assert torch.equal(a.detach().sum(1), torch.ones(2, 7))
+    assert torch.equal(a.detach().argmax(1), r.argmax(1)) and set(a.detach().unique().tolist()) <= {0.0, 1.0}
+    (a * torch.randn_like(a)).sum().backward()
+    assert r.grad.abs().sum() > 0
+
+
+def test_kmeans_update_is_the_per_cluster_sum():
+    assign = torch.tensor([[[1., 0, 1, 0], [0, 1, 0, 1]]])  # (1, 2 queries, 4 voxels)
+    values = torch.arange(12.).reshape(1, 3, 4)               # (1, D=3, 4 voxels)
+    upd = kmeans_update(assign, values)
+    np.testing.assert_allclose(upd[0, 0].numpy(), values[0][:, [0, 2]].sum(1).numpy())
+    np.testing.assert_allclose(upd[0, 1].numpy(), values[0][:, [1, 3]].sum(1).numpy())
+
+
+def test_mask_logits_is_the_query_pixel_inner_product():
+    e = torch.randn(2, 8, 3, 4, 5)
+    k = torch.randn(2, 6, 8)
+    np.testing.assert_allclose(mask_logits(e, k).numpy(), torch.einsum("bcxyz,bnc->bnxyz", e, k).numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_unannotated_channels_contribute_exactly_zero_loss_and_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 45, 6, 6, 6, requires_grad=True)
+    target = torch.rand(2, 45, 6, 6, 6) > 0.5
+    annotated = torch.zeros(2, 45, dtype=torch.bool)
+    annotated[0, [0, 5]] = True
+    annotated[1, [30]] = True
+    loss = partial_label_dice_bce(logits, target, annotated)
+    loss.backward()
+    grad_norm = logits.grad.abs().sum(dim=(2, 3, 4))
+    assert torch.all(grad_norm[~annotated] == 0) and torch.all(grad_norm[annotated] > 0)
+    # changing anything in unannotated channels leaves the loss bit-identical
+    logits2 = logits.detach().clone()
+    logits2[~annotated] = torch.randn_like(logits2[~annotated]) * 100
+    target2 = target.clone()
+    target2[~annotated] = ~target2[~annotated]
+    assert partial_label_dice_bce(logits2, target2, annotated).item() == loss.item()
+    # the loss of an annotated pair is Dice + BCE of that pair (Eq. 11-13)
+    p = torch.sigmoid(logits[0, 5].detach()).flatten()
+    t = target[0, 5].float().flatten()
+    one = torch.nn.functional.binary_cross_entropy(p, t) + 1 - (2 * (p * t).sum() + 1e-5) / (p.sum() + t.sum() + 1e-5)
+    single = torch.zeros_like(annotated)
+    single[0, 5] = True
+    assert partial_label_dice_bce(logits.detach(), target, single).item() == pytest.approx(one.item(), rel=1e-5)
+    nothing = partial_label_dice_bce(logits, target, torch.zeros_like(annotated))
+    assert nothing.item() == 0.0
+
+
+def test_fewer_than_four_stages_is_a_clear_error():
+    with pytest.raises(PlansError, match="at least 4"):
+        kmmm_stage_indices(3)
+    assert kmmm_stage_indices(6) == [5, 4, 3, 2]
+
+
+def test_2d_configuration_builds_and_runs():
+    net = tiny_network(stage=1, ndim=2)
+    out = net(torch.randn(2, 1, 32, 32))
+    assert tuple(out[0].shape) == (2, 45, 32, 32)
+
+
+def test_backbone_returns_encoder_scales_and_decoder_feature():
+    bb = build_backbone(5)
+    skips, dec = bb(torch.randn(1, 1, 32, 32, 32))
+    assert [s.shape[-1] for s in skips] == [32, 16, 8, 4, 2] and dec.shape[1:] == (8, 32, 32, 32)
