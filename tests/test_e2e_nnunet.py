@@ -55,8 +55,9 @@ def nnunet_env(tmp_path_factory):
                nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", nnUNet_compile="0", OMP_NUM_THREADS="2",
                PATH=BIN + os.pathsep + env.get("PATH", ""))
     phantom.write_raw_dataset(str(root / "raw" / DATASET), _cases())
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): 0 (single-threaded augmentation) breaks it
     run(["nnUNetv2_plan_and_preprocess", "-d", "901", "-c", "3d_fullres", "-np", "1", "-npfp", "1",
-         "--verify_dataset_integrity"], env)
+         "--verify_dataset_integrity"], {**env, "nnUNet_n_proc_DA": "1"})
     # a fixed split whose validation fold holds organ cases of both sources and a tumour case
     train = [c["case_id"] for c in _cases() if c.get("subset", "train") == "train"]
     val = ["OrgA_000", "OrgB_000", "Tum_000"]
