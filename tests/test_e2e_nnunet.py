@@ -21,7 +21,7 @@ from nnunetv2_dsm.nnunet_ext import EXT_TRAINER_DIR
 pytestmark = pytest.mark.slow
 BIN = os.path.dirname(sys.executable)
 DATASET = "Dataset901_DSMPhantom"
-SHAPE = (40, 40, 40)
+SHAPE = (32, 32, 32)
 ORGANS_A = ["Liver", "Spleen", "Right Kidney", "Left Kidney"]
 ORGANS_B = ["Liver", "Stomach", "Aorta", "Pancreas", "Right Lung", "Left Lung", "Bladder"]
 
@@ -96,3 +96,31 @@ def test_stage1_tiny_trains_and_predicts_through_the_stock_commands(stage1):
         env)
     values = _check_prediction(pred / "Test_000.nii.gz", root / "raw" / DATASET / "imagesTs" / "Test_000_0000.nii.gz")
     assert values.max() <= len(ORGAN_NAMES)  # Stage 1 never predicts tumours
+
+
+def test_stage2_tiny_starts_from_stage1_and_predicts(stage1):
+    root, env, _ = stage1
+    run(["nnUNetv2_dsm_embed_prompts", "-d", "901", "--random-weights"], env)
+    run(["nnUNetv2_train", "901", "3d_fullres", "0", "-tr", "nnUNetTrainerDSMStage2_tiny", "-device", "cpu"], env)
+    out_dir = root / "results" / DATASET / "nnUNetTrainerDSMStage2_tiny__nnUNetPlans__3d_fullres" / "fold_0"
+    log = next(out_dir.glob("training_log_*.txt")).read_text()
+    assert "Stage 1 → Stage 2: loaded" in log
+    new_line = next(line for line in log.splitlines() if "New in Stage 2 (trained from scratch)" in line)
+    assert "tumour.queries" in new_line and "alignment.proj" in new_line and "kmmm" not in new_line
+    assert "DSM Stage 2: 12 training / 3 validation cases" in log
+    pred = root / "pred_stage2"
+    run(["nnUNetv2_predict", "-i", str(root / "raw" / DATASET / "imagesTs"), "-o", str(pred), "-d", "901", "-c",
+         "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerDSMStage2_tiny", "-device", "cpu", "-npp", "1", "-nps", "1",
+         "--save_probabilities"], env)
+    _check_prediction(pred / "Test_000.nii.gz", root / "raw" / DATASET / "imagesTs" / "Test_000_0000.nii.gz")
+    probs = np.load(pred / "Test_000.npz")["probabilities"]
+    assert probs.shape == (45, *SHAPE) and probs.min() >= 0 and probs.max() <= 1
+
+
+def test_stage2_without_a_stage1_checkpoint_names_the_path(nnunet_env):
+    root, env = nnunet_env
+    proc = subprocess.run(["nnUNetv2_train", "901", "3d_fullres", "1", "-tr", "nnUNetTrainerDSMStage2_tiny",
+                           "-device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    expected = os.path.join("nnUNetTrainerDSMStage1_tiny__nnUNetPlans__3d_fullres", "fold_1", "checkpoint_final.pth")
+    assert "no Stage 1 checkpoint at" in proc.stderr and expected in proc.stderr

@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 import torch
 from nnunetv2.paths import nnUNet_results
 
-from nnunetv2_dsm.training.trainers import TINY_ARCHITECTURE, nnUNetTrainerDSMBase, unwrap
+from nnunetv2_dsm.training.trainers import ShortRunMixin, nnUNetTrainerDSMBase, unwrap
 
 STAGE1_CHECKPOINT_ENV = "nnUNet_dsm_stage1_checkpoint"
 
@@ -86,13 +86,6 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
             self.load_text_embeddings()
 
 
-class nnUNetTrainerDSMStage2_tiny(nnUNetTrainerDSMStage2):
-    """Stage 2 for tests and demos; starts from nnUNetTrainerDSMStage1_tiny."""
-    dsm_architecture = TINY_ARCHITECTURE
+class nnUNetTrainerDSMStage2_tiny(ShortRunMixin, nnUNetTrainerDSMStage2):
+    """Stage 2 for tests: starts from nnUNetTrainerDSMStage1_tiny."""
     stage1_trainer_name = "nnUNetTrainerDSMStage1_tiny"
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 1
-        self.initial_lr = 1e-3
