@@ -3,7 +3,7 @@
 No public CT ships with the package, so tests and the demo generate their data here. Each case is drawn from a
 seeded random generator: a body ellipse with fat and muscle, lungs at the top, liver, spleen, kidneys, stomach,
 pancreas, aorta, bladder placed in anatomically plausible positions (array axes are z, y, x = inferior→superior,
-anterior→posterior, patient right→left in a RAS-like frame), each deformed by low-frequency noise, plus optional
+anterior→posterior, patient right→left: LPS with the identity direction SimpleITK writes), each deformed by low-frequency noise, plus optional
 tumours inside their host organs with their own attenuation. The labels come out as the DSM 45-class multi-hot.
 """
 from __future__ import annotations
