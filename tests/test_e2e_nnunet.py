@@ -73,6 +73,15 @@ def stage1(nnunet_env):
     return root, env, log
 
 
+def _check_geometry(pred_file, image_file):
+    pred, img = sitk.ReadImage(str(pred_file)), sitk.ReadImage(str(image_file))
+    assert pred.GetSize() == img.GetSize()
+    np.testing.assert_allclose(pred.GetSpacing(), img.GetSpacing())
+    np.testing.assert_allclose(pred.GetOrigin(), img.GetOrigin())
+    np.testing.assert_allclose(pred.GetDirection(), img.GetDirection())
+    return np.unique(sitk.GetArrayFromImage(pred))
+
+
 def _check_prediction(pred_file, image_file):
     pred, img = sitk.ReadImage(str(pred_file)), sitk.ReadImage(str(image_file))
     assert pred.GetSize() == img.GetSize()
@@ -98,10 +107,19 @@ def test_stage1_tiny_trains_and_predicts_through_the_stock_commands(stage1):
     assert values.max() <= len(ORGAN_NAMES)  # Stage 1 never predicts tumours
 
 
-def test_stage2_tiny_starts_from_stage1_and_predicts(stage1):
+@pytest.fixture(scope="module")
+def stage2(stage1):
     root, env, _ = stage1
     run(["nnUNetv2_dsm_embed_prompts", "-d", "901", "--random-weights"], env)
     run(["nnUNetv2_train", "901", "3d_fullres", "0", "-tr", "nnUNetTrainerDSMStage2_tiny", "-device", "cpu"], env)
+    run(["nnUNetv2_predict", "-i", str(root / "raw" / DATASET / "imagesTs"), "-o", str(root / "pred_stage2"), "-d",
+         "901", "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerDSMStage2_tiny", "-device", "cpu", "-npp", "1",
+         "-nps", "1", "--save_probabilities"], env)
+    return root, env
+
+
+def test_stage2_tiny_starts_from_stage1_and_predicts(stage2):
+    root, env = stage2
     out_dir = root / "results" / DATASET / "nnUNetTrainerDSMStage2_tiny__nnUNetPlans__3d_fullres" / "fold_0"
     log = next(out_dir.glob("training_log_*.txt")).read_text()
     assert "Stage 1 → Stage 2: loaded" in log
@@ -109,9 +127,6 @@ def test_stage2_tiny_starts_from_stage1_and_predicts(stage1):
     assert "tumour.queries" in new_line and "alignment.proj" in new_line and "kmmm" not in new_line
     assert "DSM Stage 2: 12 training / 3 validation cases" in log
     pred = root / "pred_stage2"
-    run(["nnUNetv2_predict", "-i", str(root / "raw" / DATASET / "imagesTs"), "-o", str(pred), "-d", "901", "-c",
-         "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerDSMStage2_tiny", "-device", "cpu", "-npp", "1", "-nps", "1",
-         "--save_probabilities"], env)
     _check_prediction(pred / "Test_000.nii.gz", root / "raw" / DATASET / "imagesTs" / "Test_000_0000.nii.gz")
     probs = np.load(pred / "Test_000.npz")["probabilities"]
     assert probs.shape == (45, *SHAPE) and probs.min() >= 0 and probs.max() <= 1
@@ -124,3 +139,34 @@ def test_stage2_without_a_stage1_checkpoint_names_the_path(nnunet_env):
     assert proc.returncode != 0
     expected = os.path.join("nnUNetTrainerDSMStage1_tiny__nnUNetPlans__3d_fullres", "fold_1", "checkpoint_final.pth")
     assert "no Stage 1 checkpoint at" in proc.stderr and expected in proc.stderr
+
+
+def test_dsm_predict_writes_stock_label_maps_prompt_masks_and_anomaly_maps(stage2):
+    root, env = stage2
+    images = root / "raw" / DATASET / "imagesTs"
+    out = root / "pred_dsm"
+    log = run(["nnUNetv2_dsm_predict", "-i", str(images), "-o", str(out), "-d", "901", "-c", "3d_fullres", "-f", "0",
+               "-tr", "nnUNetTrainerDSMStage2_tiny", "-device", "cpu", "--save_probabilities", "--save-anomaly-maps",
+               "--save-class-masks", "--prompts", "pancreas tumor", "a hepatic cyst"], env)
+    assert "prompt 'pancreas tumor': answered by the" in log
+    stock = root / "pred_stage2"  # nnUNetv2_predict output of the same model (test above)
+    ours_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "Test_000.nii.gz")))
+    np.testing.assert_array_equal(ours_seg, sitk.GetArrayFromImage(sitk.ReadImage(str(stock / "Test_000.nii.gz"))))
+    np.testing.assert_allclose(np.load(out / "Test_000.npz")["probabilities"],
+                               np.load(stock / "Test_000.npz")["probabilities"], atol=1e-6)
+    image = images / "Test_000_0000.nii.gz"
+    anomaly = out / "anomaly_maps" / "Test_000.nii.gz"
+    _check_geometry(anomaly, image)
+    assert sitk.ReadImage(str(anomaly)).GetPixelID() == sitk.sitkFloat32
+    for slug in ("pancreas_tumor", "a_hepatic_cyst"):
+        values = _check_geometry(out / "prompts" / slug / "Test_000.nii.gz", image)
+        assert set(values.tolist()) <= {0, 1}
+    masks = sorted(p.name for p in (out / "masks" / "Test_000").iterdir())
+    assert len(masks) == 45 and "liver_tumor.nii.gz" in masks
+    liver = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "masks" / "Test_000" / "liver.nii.gz")))
+    liver_p = np.load(out / "Test_000.npz")["probabilities"][5]
+    differ = liver.astype(bool) != (liver_p > 0.5)  # same logits: only float rounding at exactly 0.5 may differ
+    assert np.all(np.abs(liver_p[differ] - 0.5) < 1e-6)
+    report = json.loads((out / "dsm_prompts.json").read_text())
+    assert [r["prompt"] for r in report["Test_000"]] == ["pancreas tumor", "a hepatic cyst"]
+    assert all(-1 <= r["similarity"] <= 1 and r["query"] for r in report["Test_000"])

@@ -24,12 +24,16 @@ TAU = 0.01
 TEXT_DIM = 512
 
 
+def cosine_similarity(query_text_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """cos(t_k, q_j): (B, N, Dt) projected queries, (K, Dt) text embeddings → (B, N, K), in float32."""
+    return F.normalize(query_text_embeddings.float(), dim=-1) @ F.normalize(text_embeddings.float(), dim=-1).T
+
+
 def query_class_log_probs(query_text_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
                           tau: float = TAU) -> torch.Tensor:
     """Eq. 20 in log space: (B, N, Dt) projected queries, (K, Dt) text embeddings → log p (B, N, K),
     log_softmax over K of cos(t_k, q_j) / τ."""
-    cos = F.normalize(query_text_embeddings.float(), dim=-1) @ F.normalize(text_embeddings.float(), dim=-1).T
-    return (cos / tau).log_softmax(dim=-1)
+    return (cosine_similarity(query_text_embeddings, text_embeddings) / tau).log_softmax(dim=-1)
 
 
 def class_mixing_weights(log_probs: torch.Tensor) -> torch.Tensor:
@@ -57,12 +61,16 @@ class ClassPromptAlignment(nn.Module):
                              f"class, in class order), got {tuple(embeddings.shape)}")
         self.text_embeddings.copy_(embeddings.to(self.text_embeddings))
 
+    def project(self, queries: torch.Tensor) -> torch.Tensor:
+        """Queries (B, N, D) → their embeddings in the text space (B, N, Dt) (W q_j of Eq. 20)."""
+        return self.proj(self.norm(queries))
+
     def forward(self, queries: torch.Tensor, kernels: torch.Tensor, biases: torch.Tensor,
                 text_embeddings: Optional[torch.Tensor] = None):
         """queries (B, N, D), query mask kernels (B, N, Dm) and biases (B, N) →
         (class kernels (B, K, Dm), class biases (B, K), log p (B, N, K)).
         ``text_embeddings`` (K', Dt) replaces the class prompts (open vocabulary)."""
         text = self.text_embeddings if text_embeddings is None else text_embeddings
-        log_p = query_class_log_probs(self.proj(self.norm(queries)), text, self.tau)
+        log_p = query_class_log_probs(self.project(queries), text, self.tau)
         w = class_mixing_weights(log_p).to(kernels.dtype)
         return torch.einsum("bnk,bnd->bkd", w, kernels), torch.einsum("bnk,bn->bk", w, biases), log_p

@@ -57,6 +57,9 @@ class DSMNetwork(nn.Module):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         self.stage, self.arch, self.deep_supervision = stage, arch, deep_supervision
+        # Inference only: a callable adding channels after the 45 classes when deep supervision is off
+        # (nnunetv2_dsm.inference.open_vocabulary: free-text prompt masks, the anomaly map). Not part of the weights.
+        self.inference_extras = None
         self.backbone = backbone
         self.scale_indices = kmmm_stage_indices(len(backbone.encoder_channels))
         chans = [backbone.encoder_channels[i] for i in self.scale_indices]
@@ -78,10 +81,14 @@ class DSMNetwork(nn.Module):
     def num_outputs(self) -> int:
         return NUM_CLASSES
 
+    def query_kernels(self, queries: torch.Tensor):
+        """Final mask kernels (B, N, Dp) and biases (B, N) of the queries: mask_j = <pixel embedding, kernel_j> + b_j."""
+        h = self.final_norm(queries)
+        return self.final_kernel(h), self.final_bias(h)[..., 0]
+
     def _final_masks(self, queries: torch.Tensor, pixel_embedding: torch.Tensor,
                      text_embeddings: Optional[torch.Tensor] = None):
-        h = self.final_norm(queries)
-        kernels, biases = self.final_kernel(h), self.final_bias(h)[..., 0]
+        kernels, biases = self.query_kernels(queries)
         log_p = None
         if self.stage == 2:
             kernels, biases, log_p = self.alignment(queries, kernels, biases, text_embeddings)
@@ -112,5 +119,7 @@ class DSMNetwork(nn.Module):
             logits = torch.cat((logits, absent), 1)
         if log_p is not None:
             extras["query_class_log_probs"] = log_p
+        if not self.deep_supervision and self.inference_extras is not None:
+            logits = torch.cat((logits, self.inference_extras(self, queries, pixel_embedding, logits)), 1)
         out = [logits] + aux[::-1] if self.deep_supervision else logits
         return (out, extras) if return_extras else out

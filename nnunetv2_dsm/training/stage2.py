@@ -78,6 +78,11 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         embeddings, info = load_class_embeddings(self.preprocessed_dataset_folder_base)
         unwrap(self.network).alignment.set_text_embeddings(embeddings)
         self.print_to_log_file(f"CLIP class-prompt embeddings: {info}")
+        # nnUNetv2_dsm_predict embeds free-text prompts with the same text model
+        from batchgenerators.utilities.file_and_folder_operations import save_json
+        from nnunetv2_dsm.inference.predictor import TEXT_INFO_FILE
+        save_json({k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))},
+                  os.path.join(self.output_folder_base, TEXT_INFO_FILE))
 
     def on_train_start(self):
         super().on_train_start()

@@ -1,0 +1,94 @@
+"""Extra prediction channels: masks for free-text prompts (open vocabulary, Eq. 20) and the anomaly map (Eq. 14).
+
+Installed on a DSMNetwork as ``network.inference_extras``, so nnU-Net's own predictor (sliding window, Gaussian
+weighting, mirroring, fold averaging) computes them alongside the 45 class channels:
+
+* prompt p (a CLIP text embedding t_p): the prompt joins the 45 class prompts in Eq. 20's softmax, so it competes
+  with them ("pancreas tumor" vs "Pancreas"); its mask is the mixture of the query masks that claim it most
+  (weights w_jp = p_j(p) / Σ_i p_i(p)), the same mechanism that makes the class channels;
+* anomaly (Eq. 14): −max over the 25 organ-query mask logits — high where no organ query responds.
+
+It also records, per prompt, how much each query claimed it and their cosine similarity, averaged over every
+forward pass of the case (sliding-window tiles and mirrorings), to report which query answered each prompt.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from nnunetv2_dsm.labels import CLASS_NAMES, NUM_ORGANS
+from nnunetv2_dsm.network.alignment import class_mixing_weights, cosine_similarity, query_class_log_probs
+from nnunetv2_dsm.network.kmeans_layer import mask_logits
+
+
+def anomaly_map(class_logits: torch.Tensor) -> torch.Tensor:
+    """Eq. 14 on the final masks: (B, 45, *S) logits → (B, 1, *S) = −max over the 25 organ channels."""
+    return -class_logits[:, :NUM_ORGANS].amax(dim=1, keepdim=True)
+
+
+class OpenVocabularyOutputs:
+    """Callable for ``DSMNetwork.inference_extras``: returns (B, P + A, *S) — P prompt mask logits, then the anomaly
+    map if ``anomaly`` (A = 1)."""
+
+    def __init__(self, prompt_embeddings: Optional[torch.Tensor] = None, anomaly: bool = False):
+        self.prompt_embeddings = prompt_embeddings
+        self.anomaly = anomaly
+        self.reset_stats()
+
+    @property
+    def num_prompts(self) -> int:
+        return 0 if self.prompt_embeddings is None else int(self.prompt_embeddings.shape[0])
+
+    @property
+    def num_channels(self) -> int:
+        return self.num_prompts + int(self.anomaly)
+
+    def reset_stats(self) -> None:
+        self._weight_sum: Optional[torch.Tensor] = None  # (P, N) summed mixing weights
+        self._cos_sum: Optional[torch.Tensor] = None     # (P, N) summed cosines
+        self._count = 0
+
+    def __call__(self, network, queries: torch.Tensor, pixel_embedding: torch.Tensor,
+                 class_logits: torch.Tensor) -> torch.Tensor:
+        extra: List[torch.Tensor] = []
+        if self.num_prompts:
+            if network.stage != 2:
+                raise RuntimeError("free-text prompts need a Stage 2 model (nnUNetTrainerDSMStage2): Stage 1 has no "
+                                   "tumour queries and no CLIP alignment")
+            extra.append(self._prompt_logits(network, queries, pixel_embedding))
+        if self.anomaly:
+            extra.append(anomaly_map(class_logits[:, :len(CLASS_NAMES)]))
+        return torch.cat(extra, 1)
+
+    def _prompt_logits(self, network, queries, pixel_embedding):
+        align = network.alignment
+        prompts = self.prompt_embeddings.to(align.text_embeddings)
+        text = torch.cat((align.text_embeddings, prompts))          # the 45 classes + the prompts
+        projected = align.project(queries)
+        weights = class_mixing_weights(query_class_log_probs(projected, text, align.tau))[..., -self.num_prompts:]
+        kernels, biases = network.query_kernels(queries)
+        w = weights.to(kernels.dtype)
+        logits = mask_logits(pixel_embedding, torch.einsum("bnp,bnd->bpd", w, kernels))
+        logits = logits + torch.einsum("bnp,bn->bp", w, biases).reshape(*w.shape[::2], *[1] * (logits.ndim - 2))
+        cos = cosine_similarity(projected, prompts)                  # (B, N, P)
+        ws, cs = weights.float().sum(0).T, cos.sum(0).T             # (P, N)
+        self._weight_sum = ws if self._weight_sum is None else self._weight_sum + ws
+        self._cos_sum = cs if self._cos_sum is None else self._cos_sum + cs
+        self._count += queries.shape[0]
+        return logits
+
+    def prompt_report(self, prompts: Sequence[str]) -> List[Dict]:
+        """Per prompt: the query that claimed it most (named by its class slot), its mean mixing weight and mean
+        cosine similarity to the prompt, averaged over the forward passes since the last reset."""
+        if self._weight_sum is None:
+            return []
+        report = []
+        for p, text in enumerate(prompts):
+            w, c = self._weight_sum[p] / self._count, self._cos_sum[p] / self._count
+            j = int(w.argmax())
+            report.append({"prompt": text, "query": CLASS_NAMES[j], "query_index": j + 1,
+                           "weight": round(float(w[j]), 4), "similarity": round(float(c[j]), 4),
+                           "top_queries": [{"query": CLASS_NAMES[int(k)], "weight": round(float(w[k]), 4)}
+                                           for k in w.argsort(descending=True)[:3]]})
+        return report
