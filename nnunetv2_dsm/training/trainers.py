@@ -156,6 +156,26 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
 
 
+    # ---- final validation ----------------------------------------------------------------------------------------
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's validation (sliding-window prediction of the fold's validation cases, validation/summary.json),
+        then the same predictions scored on each case's annotated classes only (validation/dsm/): nnU-Net's own
+        summary counts a predicted class that a partially labelled case does not annotate as a false positive."""
+        super().perform_actual_validation(save_probabilities)
+        if self.local_rank != 0 or self.preprocessed_dataset_folder_base is None:
+            return
+        from nnunetv2_dsm.evaluation.evaluate import evaluate_folder, format_table
+        from nnunetv2_dsm.labels import ORGAN_NAMES
+        validation = os.path.join(self.output_folder, "validation")
+        summary = evaluate_folder(
+            os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"), validation,
+            dataset_json=os.path.join(self.preprocessed_dataset_folder_base, "dataset.json"),
+            classes=ORGAN_NAMES if self.dsm_stage == 1 else None, skip_missing=True, num_processes=1,
+            output_dir=os.path.join(validation, "dsm"))
+        self.print_to_log_file("Validation on each case's annotated classes (partial labels; "
+                               "validation/dsm/summary.json):\n" + format_table(summary))
+
+
 class nnUNetTrainerDSMStage1(nnUNetTrainerDSMBase):
     """DSM Stage 1: organ queries and the kMMM decoder, trained on the organ datasets."""
     dsm_stage = 1
