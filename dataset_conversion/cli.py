@@ -51,8 +51,8 @@ def merge_main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="nnUNetv2_dsm_merge",
         description="Merge datasets written by nnUNetv2_dsm_convert into one nnU-Net raw dataset whose dataset.json "
-                    "lists every case's source, annotated classes, stage and subset (paper Table 1: 40%% of BTCV, "
-                    "LiTS and KiTS train / 60%% test; MSD = zero-shot inference set). Files are hard-linked (or "
+                    "lists every case's source, annotated classes, stage and subset (paper Table 1: 40% of BTCV, "
+                    "LiTS and KiTS train / 60% test; MSD = zero-shot inference set). Files are hard-linked (or "
                     "symlinked) where possible, not copied.")
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="id of the merged dataset")
     p.add_argument("-i", "--inputs", nargs="*", default=[],
