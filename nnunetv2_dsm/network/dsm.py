@@ -74,7 +74,7 @@ class DSMNetwork(nn.Module):
         self.final_bias = nn.Linear(arch.dim, 1)
         if stage == 2:
             from nnunetv2_dsm.network.tumour_refinement import TumourQueryRefinement
-            self.tumour = TumourQueryRefinement(chans, backbone.decoder_channels, arch, ndim)
+            self.tumour = TumourQueryRefinement(chans, arch, ndim)
             self.alignment = ClassPromptAlignment(arch.dim, NUM_CLASSES)
 
     @property
@@ -110,7 +110,6 @@ class DSMNetwork(nn.Module):
                 response = torch.cat((response, tumour_logits), 1)
             aux.append(response)
         if self.stage == 2:
-            decoded = self.tumour.refine_decoded(decoded, tumour_state)
             queries = torch.cat((queries, tumour_state["queries"]), 1)
         pixel_embedding = F.normalize(self.pixel_head(decoded), dim=1)
         logits, log_p = self._final_masks(queries, pixel_embedding, text_embeddings)

@@ -11,12 +11,14 @@ At kMMM scale l (coarse → fine), after the organ queries' kMMM update:
    and apply self-attention among them");
 5. per-layer tumour mask logits for deep supervision.
 
-After the last scale the full-resolution decoder feature is diffused once more, guided by the finest enhanced
-feature, before the final pixel embedding (the official model's post-diffusion at full resolution).
+These are the paper's four diffusion-guided decoder layers (§5.3). The official code adds a fifth diffusion on the
+full-resolution decoder feature; it is left out here: it cost Stage 2 a quarter of its training step, 4 GB of
+memory and most of its extra prediction time over Stage 1 (docs/performance.md), for a step the paper does not
+describe.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +31,7 @@ from nnunetv2_dsm.network.semantic_diffusion import SemanticDiffusion
 
 
 class TumourQueryRefinement(nn.Module):
-    def __init__(self, feature_channels: Sequence[int], decoder_channels: int, arch, ndim: int = 3):
+    def __init__(self, feature_channels: Sequence[int], arch, ndim: int = 3):
         super().__init__()
         chans = list(feature_channels)
         self.queries = nn.Parameter(torch.randn(NUM_TUMOURS, arch.dim) * 0.02)
@@ -40,7 +42,6 @@ class TumourQueryRefinement(nn.Module):
             QueryInteraction(arch.dim, num_heads=arch.num_heads, ffn_dim=arch.ffn_dim) for _ in chans)
         self.kernel_norm = nn.ModuleList(nn.LayerNorm(arch.dim) for _ in chans)
         self.kernel = nn.ModuleList(nn.Linear(arch.dim, arch.mask_dim) for _ in chans)
-        self.final_diffusion = SemanticDiffusion(decoder_channels, chans[-1])
 
     def init_state(self, batch_size: int) -> Dict:
         return {"queries": self.queries.expand(batch_size, -1, -1), "guide": None, "layer": 0}
@@ -58,10 +59,6 @@ class TumourQueryRefinement(nn.Module):
         organ_queries, tumour = both[:, :organ_queries.shape[1]], both[:, organ_queries.shape[1]:]
         logits = mask_logits(pixel_embedding, self.kernel[i](self.kernel_norm[i](tumour)))
         return organ_queries, {"queries": tumour, "guide": enhanced, "layer": i + 1}, logits
-
-    def refine_decoded(self, decoded: torch.Tensor, state: Dict) -> torch.Tensor:
-        """Full-resolution decoder feature (B, Cd, *S) diffused under the finest enhanced feature's guidance."""
-        return self.final_diffusion(decoded, state["guide"])
 
     def extra_repr(self) -> str:
         return f"scales={len(self.diffusion)}, tumour_queries={self.queries.shape[0]}"
