@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """DSM against nnU-Net's default network on the same plans: training step, peak memory, sliding-window
-prediction, the SSM alone, a profile of the Stage 2 step. See nnunetv2_dsm/benchmark.py and docs/performance.md.
+prediction, the SSM alone, a profile of the Stage 2 step. See nnunetv2_dsm/benchmark/ and docs/performance.md.
 
     python scripts/benchmark.py -o bench_out                       # realistic plans, CPU, warm-up 1, 3 reps
     python scripts/benchmark.py --device cuda -o bench_cuda

@@ -1,0 +1,107 @@
+"""What every timed section builds on: the real trainer classes set up as ``initialize()`` does, synthetic
+training batches and text embeddings, and the timing helpers (CUDA synchronisation, rotating order, medians,
+releasing memory between timed calls)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import io
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from .plans import CASE_ID
+
+
+# ------------------------------------------------------------------------------------------ trainers and batches
+def trainer_class(name: str):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2_dsm.training.stage2 import nnUNetTrainerDSMStage2
+    from nnunetv2_dsm.training.trainers import nnUNetTrainerDSMStage1
+    return {"nnunet": nnUNetTrainer, "dsm_stage1": nnUNetTrainerDSMStage1, "dsm_stage2": nnUNetTrainerDSMStage2}[name]
+
+
+def text_embeddings(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(45, 512, generator=g), dim=-1)
+
+
+def num_input_channels(setup: Dict) -> int:
+    return len(setup["dataset_json"]["channel_names"])
+
+
+def make_trainer(name: str, setup: Dict):
+    """The trainer, set up as nnUNetTrainer.initialize() does it (minus the dataset and torch.compile)."""
+    cls = trainer_class(name)
+    plans = copy.deepcopy(setup["plans"])
+    plans["continue_training"] = False
+    device = torch.device(setup["device"])
+    torch.manual_seed(setup["seed"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        tr = cls(plans, setup["configuration"], 0, copy.deepcopy(setup["dataset_json"]), device=device)
+    n_in = num_input_channels(setup)
+    tr.num_input_channels = n_in
+    tr.network = tr.build_network_architecture(tr.plans_manager, tr.configuration_manager, n_in,
+                                               tr.label_manager.num_segmentation_heads,
+                                               tr.enable_deep_supervision).to(device)
+    if name == "dsm_stage2":
+        tr.network.alignment.set_text_embeddings(text_embeddings(setup["seed"]))
+    tr.optimizer, tr.lr_scheduler = tr.configure_optimizers()
+    tr.loss = tr._build_loss()
+    tr.network.train()
+    return tr
+
+
+def make_batch(tr, setup: Dict, seed: int) -> Dict:
+    """A training batch like nnU-Net's data loader gives it: data (B, C, *patch), one bool region target per deep
+    supervision scale (rounded as DownsampleSegForDSTransform does), the case keys."""
+    cm = tr.configuration_manager
+    bs, patch = cm.batch_size, list(cm.patch_size)
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn((bs, num_input_channels(setup), *patch), generator=g)
+    heads = tr.label_manager.num_segmentation_heads
+    scales = tr._get_deep_supervision_scales() or [[1.0] * len(patch)]
+    target = [torch.rand((bs, heads, *[round(p * s) for p, s in zip(patch, sc)]), generator=g) > 0.9
+              for sc in scales]
+    if len(target) == 1 and not tr.enable_deep_supervision:
+        target = target[0]
+    return {"data": data, "target": target, "keys": np.array([CASE_ID] * bs)}
+
+
+def release_memory(device: str = "cpu") -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc malloc_trim) between timed calls, so one
+    network's freed activations do not stay resident, fragmented, under the next one (outside the timings)."""
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable, device: str) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def rotated(names: Sequence[str], r: int) -> List[str]:
+    k = r % len(names)
+    return list(names[k:]) + list(names[:k])
+
+
+def stats(values: Sequence[float]) -> Dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": list(values)}
