@@ -40,13 +40,36 @@ def test_every_trainable_parameter_gets_a_nonzero_gradient_after_one_stage1_step
     assert any("ssm.mamba" in n for n, _ in net.named_parameters())
 
 
-def test_assignment_is_hard_forward_and_soft_backward():
+def test_assignment_is_the_hard_arg_max_without_gradient():
     r = torch.randn(2, 5, 7, requires_grad=True)
     a = kmeans_assignment(r)
-    assert torch.equal(a.detach().sum(1), torch.ones(2, 7))
-    assert torch.equal(a.detach().argmax(1), r.argmax(1)) and set(a.detach().unique().tolist()) <= {0.0, 1.0}
-    (a * torch.randn_like(a)).sum().backward()
-    assert r.grad.abs().sum() > 0
+    assert torch.equal(a.sum(1), torch.ones(2, 7))
+    assert torch.equal(a.argmax(1), r.argmax(1)) and set(a.unique().tolist()) <= {0.0, 1.0}
+    assert not a.requires_grad            # the response learns from its own (per-layer) loss, as in kMaX
+
+
+def test_stage1_loss_falls_on_one_phantom_batch():
+    """Optimisation works end to end: on one fixed phantom batch, 20 AdamW steps cut the loss by more than 30%
+    (1.73 -> ~1.02). Guards against gradients that fight the loss: with a straight-through arg-max the loss stayed
+    at ~1.6 here (and rose on the demo's data)."""
+    from nnunetv2_dsm.phantom import make_case
+    cases = [make_case((32, 32, 32), (6.0, 6.0, 6.0), seed=s) for s in (0, 1)]
+    x = torch.stack([torch.from_numpy(c.image.astype(np.float32)) for c in cases])[:, None]
+    x = (x - x.mean()) / x.std()
+    mh = torch.stack([torch.from_numpy(c.multi_hot) for c in cases])
+    net = tiny_network(stage=1)
+    targets = [mh[:, :, ::32 // o.shape[-1], ::32 // o.shape[-1], ::32 // o.shape[-1]] for o in net(x)]
+    annotated = torch.zeros(2, NUM_CLASSES, dtype=torch.bool)
+    annotated[:, :NUM_ORGANS] = True
+    loss_fn, opt = DSMLoss(len(targets)), torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=1e-5)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = loss_fn(net(x), targets, annotated)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0] and losses[-1] < min(losses[:5]), losses
 
 
 def test_kmeans_update_is_the_per_cluster_sum():
