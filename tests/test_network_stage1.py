@@ -6,7 +6,7 @@ from _dsm_helpers import build_backbone, tiny_network
 from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS
 from nnunetv2_dsm.network.backbone import PlansError, kmmm_stage_indices
 from nnunetv2_dsm.network.dsm import ABSENT_LOGIT
-from nnunetv2_dsm.network.kmeans_layer import kmeans_assignment, kmeans_update, mask_logits
+from nnunetv2_dsm.network.kmeans_layer import kmeans_assignment, kmeans_update, mask_logits, nonempty_clusters
 from nnunetv2_dsm.training.loss import DSMLoss, partial_label_dice_bce
 
 
@@ -70,6 +70,21 @@ def test_stage1_loss_falls_on_one_phantom_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0] and losses[-1] < min(losses[:5]), losses
+
+
+def test_empty_clusters_get_no_update_and_queries_stay_distinct():
+    assign = torch.tensor([[[1., 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1]]])     # query 1 wins no voxel
+    assert nonempty_clusters(assign)[0, :, 0].tolist() == [1.0, 0.0, 1.0]
+    layer = tiny_network(stage=1).kmmm[0]
+    layer.query_mixing = torch.nn.Identity()          # look at the k-means update alone
+    q = torch.randn(2, NUM_ORGANS, layer.update_proj.in_features)
+    with torch.no_grad():
+        new_q, response = layer(q, torch.randn(2, layer.pixel_proj[0].in_channels, 4, 4, 4))[:2]
+    won = torch.nn.functional.one_hot(response.flatten(2).argmax(1), NUM_ORGANS).sum(1) > 0   # (B, N)
+    assert (~won).any() and won.any()
+    torch.testing.assert_close(new_q[~won], q[~won], rtol=0, atol=0)   # empty cluster: centre kept
+    assert not torch.allclose(new_q[won], q[won])
+    # (an identical update Linear(LN(0)) for every empty cluster collapsed all queries in training: cosine 0.999)
 
 
 def test_kmeans_update_is_the_per_cluster_sum():

@@ -63,7 +63,7 @@ class DSMNetwork(nn.Module):
         self.backbone = backbone
         self.scale_indices = kmmm_stage_indices(len(backbone.encoder_channels))
         chans = [backbone.encoder_channels[i] for i in self.scale_indices]
-        self.organ_queries = nn.Parameter(torch.randn(NUM_ORGANS, arch.dim) * 0.02)
+        self.organ_queries = nn.Parameter(torch.randn(NUM_ORGANS, arch.dim))  # unit scale, as kMaX's cluster centres
         self.kmmm = nn.ModuleList(KMeansMaskMambaLayer(c, arch.dim, arch.mask_dim, NUM_ORGANS, arch.num_heads,
                                                        arch.ffn_dim, ndim) for c in chans)
         self.pixel_head = nn.Sequential(conv1x1(backbone.decoder_channels, arch.pixel_dim, ndim),

@@ -34,7 +34,7 @@ class TumourQueryRefinement(nn.Module):
     def __init__(self, feature_channels: Sequence[int], arch, ndim: int = 3):
         super().__init__()
         chans = list(feature_channels)
-        self.queries = nn.Parameter(torch.randn(NUM_TUMOURS, arch.dim) * 0.02)
+        self.queries = nn.Parameter(torch.randn(NUM_TUMOURS, arch.dim))  # unit scale, as kMaX's cluster centres
         self.diffusion = nn.ModuleList(SemanticDiffusion(c, chans[max(i - 1, 0)]) for i, c in enumerate(chans))
         self.cross_attention = nn.ModuleList(
             PromptMaskedCrossAttention(arch.dim, c, num_heads=arch.num_heads) for c in chans)
