@@ -146,3 +146,21 @@ def test_backbone_returns_encoder_scales_and_decoder_feature():
     bb = build_backbone(5)
     skips, dec = bb(torch.randn(1, 1, 32, 32, 32))
     assert [s.shape[-1] for s in skips] == [32, 16, 8, 4, 2] and dec.shape[1:] == (8, 32, 32, 32)
+
+
+def test_untrained_classes_answer_absent_at_inference_only():
+    net = tiny_network(stage=1)
+    net.trained_classes[1] = False                     # e.g. no training case annotates the right kidney
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        train_out = net(x)[0]
+        net.deep_supervision = False
+        out = net(x)
+    assert torch.all(out[:, 1] == ABSENT_LOGIT) and not torch.all(train_out[:, 1] == ABSENT_LOGIT)
+    torch.testing.assert_close(out[:, [0, 2]], train_out[:, [0, 2]])
+    state = net.state_dict()
+    assert not state["trained_classes"][1]             # saved with the weights: the stock predictor applies it
+    del state["trained_classes"]                       # a checkpoint from before the buffer still loads
+    fresh = tiny_network(stage=1)
+    fresh.load_state_dict(state)
+    assert fresh.trained_classes.all()

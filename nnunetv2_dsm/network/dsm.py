@@ -30,6 +30,14 @@ from nnunetv2_dsm.network.kmeans_layer import KMeansMaskMambaLayer, conv1x1, mas
 ABSENT_LOGIT = -20.0  # sigmoid(-20) ≈ 2e-9: Stage 1's answer for the tumour channels it has no queries for
 
 
+def mask_untrained_classes(logits: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    """logits (B, 45, *S), trained (45,) bool → logits with every untrained class at ABSENT_LOGIT."""
+    if bool(trained.all()):
+        return logits
+    keep = trained.to(logits.device).reshape(1, -1, *[1] * (logits.ndim - 2))
+    return torch.where(keep, logits, logits.new_tensor(ABSENT_LOGIT))
+
+
 @dataclass(frozen=True)
 class DSMArchitecture:
     """Widths of the DSM decoders. Defaults follow kMaX/DSM (query width 256, mask embedding 128, 8 heads);
@@ -60,6 +68,10 @@ class DSMNetwork(nn.Module):
         # Inference only: a callable adding channels after the 45 classes when deep supervision is off
         # (nnunetv2_dsm.inference.open_vocabulary: free-text prompt masks, the anomaly map). Not part of the weights.
         self.inference_extras = None
+        # Inference: classes no training case annotated answer ABSENT_LOGIT (their queries never got a loss; left
+        # as they are, their masks overwrite trained classes in nnU-Net's label map). Set by the trainer, saved in
+        # the checkpoint; all True until then.
+        self.register_buffer("trained_classes", torch.ones(NUM_CLASSES, dtype=torch.bool))
         self.backbone = backbone
         self.scale_indices = kmmm_stage_indices(len(backbone.encoder_channels))
         chans = [backbone.encoder_channels[i] for i in self.scale_indices]
@@ -76,6 +88,10 @@ class DSMNetwork(nn.Module):
             from nnunetv2_dsm.network.tumour_refinement import TumourQueryRefinement
             self.tumour = TumourQueryRefinement(chans, arch, ndim)
             self.alignment = ClassPromptAlignment(arch.dim, NUM_CLASSES)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "trained_classes", torch.ones(NUM_CLASSES, dtype=torch.bool))  # older files
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def num_outputs(self) -> int:
@@ -118,6 +134,8 @@ class DSMNetwork(nn.Module):
             logits = torch.cat((logits, absent), 1)
         if log_p is not None:
             extras["query_class_log_probs"] = log_p
+        if not self.deep_supervision:
+            logits = mask_untrained_classes(logits, self.trained_classes)
         if not self.deep_supervision and self.inference_extras is not None:
             logits = torch.cat((logits, self.inference_extras(self, queries, pixel_embedding, logits)), 1)
         out = [logits] + aux[::-1] if self.deep_supervision else logits

@@ -88,6 +88,7 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         super().on_train_start()
         if self.current_epoch == 0:  # a fresh run; `--c` resumes from this stage's own checkpoint instead
             self.load_stage1()
+            self.set_trained_classes()      # Stage 1's record came with its weights; Stage 2 trains more classes
             self.load_text_embeddings()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -103,11 +104,26 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
         dropped = len(tr_keys) + len(val_keys) - len(tr) - len(val)
         self.print_to_log_file(f"DSM Stage {self.dsm_stage}: {len(tr)} training / {len(val)} validation cases "
                                f"({dropped} cases of other stages or subsets left out)")
+        self.dsm_training_keys = tr
         if not tr or not val:
             raise RuntimeError(f"fold {self.fold} has no Stage {self.dsm_stage} training or validation cases. "
                                f"Sources by case count: {self.manifest.sources()}. Stage 1 trains on the organ "
                                f"datasets of the manifest (stage 1); Stage 2 adds stage-2 sources.")
         return tr, val
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.set_trained_classes()
+
+    def set_trained_classes(self) -> None:
+        """Record in the network (and so in the checkpoint) which classes this run's training cases annotate; at
+        inference the others answer 'absent' (DSMNetwork.trained_classes)."""
+        trained = self.annotated_classes(self.dsm_training_keys).any(0)
+        unwrap(self.network).trained_classes.copy_(trained)
+        from nnunetv2_dsm.labels import CLASS_NAMES
+        missing = [CLASS_NAMES[i] for i in np.flatnonzero(~trained.cpu().numpy())]
+        self.print_to_log_file(f"DSM Stage {self.dsm_stage}: {int(trained.sum())} classes annotated in the training "
+                               f"cases; at inference these answer 'absent': {', '.join(missing) or 'none'}")
 
     def annotated_classes(self, keys) -> torch.Tensor:
         """(B, 45) bool on the device: the classes each case of the batch annotates (organs only in Stage 1)."""
