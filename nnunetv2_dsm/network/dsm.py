@@ -38,17 +38,6 @@ def mask_untrained_classes(logits: torch.Tensor, trained: torch.Tensor) -> torch
     return torch.where(keep, logits, logits.new_tensor(ABSENT_LOGIT))
 
 
-def exclusive_organs(logits: torch.Tensor, margin: float = 0.01) -> torch.Tensor:
-    """Inference: organs are mutually exclusive (one organ label per voxel), so at each voxel only the organ with
-    the highest logit may stay above 0 (p > 0.5); the others are capped at −margin, their values below that kept.
-    logits (B, 45, *S) → (B, 45, *S); tumour channels unchanged. Without this, nnU-Net's label map (every region
-    > 0.5 written in ``regions_class_order``, the last one wins) gave overlapping organs to the later class."""
-    organs = logits[:, :NUM_ORGANS]
-    top = F.one_hot(organs.argmax(1), NUM_ORGANS).movedim(-1, 1).bool()
-    capped = torch.where(top, organs, organs.clamp(max=-margin))
-    return torch.cat((capped, logits[:, NUM_ORGANS:]), 1)
-
-
 @dataclass(frozen=True)
 class DSMArchitecture:
     """Widths of the DSM decoders. Defaults follow kMaX/DSM (query width 256, mask embedding 128, 8 heads);
@@ -146,7 +135,7 @@ class DSMNetwork(nn.Module):
         if log_p is not None:
             extras["query_class_log_probs"] = log_p
         if not self.deep_supervision:
-            logits = exclusive_organs(mask_untrained_classes(logits, self.trained_classes))
+            logits = mask_untrained_classes(logits, self.trained_classes)
         if not self.deep_supervision and self.inference_extras is not None:
             logits = torch.cat((logits, self.inference_extras(self, queries, pixel_embedding, logits)), 1)
         out = [logits] + aux[::-1] if self.deep_supervision else logits
