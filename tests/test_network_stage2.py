@@ -7,7 +7,7 @@ from _dsm_helpers import tiny_network
 from nnunetv2_dsm.labels import NUM_CLASSES
 from nnunetv2_dsm.network.alignment import TAU, class_mixing_weights, query_class_log_probs
 from nnunetv2_dsm.training.loss import DSMLoss, alignment_loss
-from nnunetv2_dsm.training.stage2 import summarize_modules, transfer_weights
+from nnunetv2_dsm.training.stage2 import RUN_RECORDS, summarize_modules, transfer_weights
 
 
 def _text(n=NUM_CLASSES, seed=0):
@@ -83,8 +83,10 @@ def test_alignment_loss_only_counts_annotated_classes():
 
 def test_stage1_weights_load_into_stage2_and_only_stage2_modules_are_new():
     s1, s2 = tiny_network(stage=1, seed=1), tiny_network(stage=2, seed=2)
+    s1.trained_classes[3] = False                      # Stage 1's record of its run is not carried over
     loaded, fresh = transfer_weights(s2, s1.state_dict())
-    assert set(loaded) == set(s1.state_dict())
+    assert set(loaded) == set(s1.state_dict()) - RUN_RECORDS and "trained_classes" in RUN_RECORDS
+    assert s2.trained_classes.all() and "trained_classes" not in fresh
     assert fresh and all(k.startswith(("tumour.", "alignment.")) for k in fresh)
     for k in loaded:
         assert torch.equal(s2.state_dict()[k], s1.state_dict()[k])

@@ -25,10 +25,14 @@ class Stage1CheckpointError(FileNotFoundError):
     pass
 
 
+# Not weights: records of the run that wrote the checkpoint, which Stage 2 sets for itself (DSMNetwork.trained_classes)
+RUN_RECORDS = frozenset({"trained_classes"})
+
+
 def transfer_weights(network: torch.nn.Module, stage1_state: Dict[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
-    """Load every tensor of ``stage1_state`` whose name and shape match into ``network``.
+    """Load every tensor of ``stage1_state`` whose name and shape match into ``network`` (run records excepted).
     Returns (loaded keys, keys of ``network`` left at their initialisation)."""
-    own = network.state_dict()
+    own = {k: v for k, v in network.state_dict().items() if k not in RUN_RECORDS}
     matched = {k: v for k, v in stage1_state.items() if k in own and own[k].shape == v.shape}
     mismatched = sorted(k for k in stage1_state if k in own and own[k].shape != stage1_state[k].shape)
     if mismatched:
@@ -88,7 +92,6 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         super().on_train_start()
         if self.current_epoch == 0:  # a fresh run; `--c` resumes from this stage's own checkpoint instead
             self.load_stage1()
-            self.set_trained_classes()      # Stage 1's record came with its weights; Stage 2 trains more classes
             self.load_text_embeddings()
 
 

@@ -20,7 +20,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS
+from nnunetv2_dsm.labels import CLASS_NAMES, NUM_CLASSES, NUM_ORGANS
 from nnunetv2_dsm.manifest import load_manifest
 from nnunetv2_dsm.network.backbone import PlansError, build_unet_features, kmmm_stage_indices, stage_scales
 from nnunetv2_dsm.network.dsm import DSMArchitecture, DSMNetwork
@@ -120,7 +120,6 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
         inference the others answer 'absent' (DSMNetwork.trained_classes)."""
         trained = self.annotated_classes(self.dsm_training_keys).any(0)
         unwrap(self.network).trained_classes.copy_(trained)
-        from nnunetv2_dsm.labels import CLASS_NAMES
         missing = [CLASS_NAMES[i] for i in np.flatnonzero(~trained.cpu().numpy())]
         self.print_to_log_file(f"DSM Stage {self.dsm_stage}: {int(trained.sum())} classes annotated in the training "
                                f"cases; at inference these answer 'absent': {', '.join(missing) or 'none'}")
