@@ -1,10 +1,9 @@
 """nnunetv2-dsm: DSM (diffusion + state space models, Wu et al. 2025) as an nnU-Net v2 extension."""
 from setuptools import find_packages, setup
 
-# The repository keeps the converters in a top-level folder `dataset_conversion/`; installed they become the
-# subpackage `nnunetv2_dsm.dataset_conversion`, so site-packages gets no generic top-level name.
-conversion = ["nnunetv2_dsm.dataset_conversion"] + [
-    "nnunetv2_dsm.dataset_conversion." + p for p in find_packages("dataset_conversion")]
+# The repository keeps the converters in a top-level folder `dataset_conversion/`; `nnunetv2_dsm/dataset_conversion`
+# is a symbolic link to it, so the source tree imports as laid out (pytest from the root, editable installs) and
+# site-packages gets the subpackage `nnunetv2_dsm.dataset_conversion`, no generic top-level name.
 
 setup(
     name="nnunetv2-dsm",
@@ -14,9 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["nnunetv2_dsm", "nnunetv2_dsm.*"]) + conversion,
-    package_dir={p: "dataset_conversion" + p[len("nnunetv2_dsm.dataset_conversion"):].replace(".", "/")
-                 for p in conversion},
+    packages=find_packages(include=["nnunetv2_dsm", "nnunetv2_dsm.*"]),
     include_package_data=True,
     install_requires=[
         "nnunetv2>=2.8.0,<2.9",

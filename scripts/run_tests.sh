@@ -3,5 +3,5 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$("$repo/scripts/setup_env.sh")"
-cd "$repo/tests"   # run from tests/ so the installed package, not the source tree, is imported
+cd "$repo"
 exec "$venv/bin/pytest" -q "$@"

@@ -21,5 +21,5 @@ if ! "$venv/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
   "$venv/bin/pip" install -q $torch_req >&2
 fi
 echo "[setup] installing nnunetv2-dsm from $repo" >&2
-"$venv/bin/pip" install -q "$repo[test]" >&2
+"$venv/bin/pip" install -q -e "$repo[test]" >&2   # editable: the venv runs this source tree
 echo "$venv"

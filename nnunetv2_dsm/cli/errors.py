@@ -1,0 +1,58 @@
+"""The error contract of every ``nnUNetv2_dsm_*`` command.
+
+* bad input or a bad path: exit 2 and one line ``<prog>: error: <what, which file, the fix>`` on stderr, no
+  traceback (set ``NNUNETV2_DSM_DEBUG=1`` or pass ``--debug`` to see it);
+* documented partial failures (some cases failed, the rest were written): exit 1;
+* Ctrl-C: exit 130.
+
+Commands raise :class:`UserError` (or a subclass) for bad input and wrap their ``main`` in :func:`cli_entry`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from typing import Callable, Optional, Sequence
+
+EXIT_USER_ERROR = 2
+EXIT_PARTIAL_FAILURE = 1
+EXIT_INTERRUPTED = 130
+DEBUG_ENV = "NNUNETV2_DSM_DEBUG"
+
+
+class UserError(Exception):
+    """Bad input or a bad path: the message names the file and the fix; the command exits 2 without a traceback."""
+
+
+def debug_requested(argv: Optional[Sequence[str]] = None) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+
+
+def one_line(message: object) -> str:
+    """The message on one line (newlines folded), so a shell log keeps one error per line."""
+    return " ".join(str(message).split())
+
+
+def cli_entry(prog: str, user_errors: Sequence[type] = ()) -> Callable:
+    """Decorator for a command's ``main(argv=None)``: maps :class:`UserError` (and ``user_errors``, e.g. a module's
+    own exception classes) to exit 2 with one line, KeyboardInterrupt to 130; returns main's int (or 0)."""
+    caught = (UserError, *user_errors)
+
+    def wrap(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def run(argv: Optional[Sequence[str]] = None) -> int:
+            try:
+                code = main(argv)
+                return 0 if code is None else int(code)
+            except caught as e:
+                if debug_requested(argv):
+                    traceback.print_exc()
+                print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+                return EXIT_USER_ERROR
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return EXIT_INTERRUPTED
+        return run
+    return wrap
