@@ -12,6 +12,12 @@ Every labelled case is listed in the merged manifest with its source, annotated 
 split parameters are recorded under ``dsm_split``. Unlabelled test images of the inputs (their imagesTs) are not
 merged. Files are hard links to the converted datasets where the filesystem allows, else symlinks, else copies, so
 the merge costs (almost) no disk. Re-running is idempotent; files are placed with ``os.replace``.
+
+Merge deletes or replaces only files it placed itself (recorded in ``<dataset>/.dsm_merge/written.json``); any other
+file or folder in the merged imagesTr/labelsTr/imagesTs/labelsTs makes it refuse, naming it. One run at a time per
+output folder (:func:`.outputs.output_lock`). Case ids come from the inputs' manifests, which are validated
+(:func:`nnunetv2_dsm.manifest.validate_case_id`: no path separators or ``..``), so no file outside an input dataset
+is ever linked.
 """
 from __future__ import annotations
 
@@ -25,9 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from nnunetv2_dsm.cli.errors import writable_dir
 from nnunetv2_dsm.labels import dataset_json_labels, regions_class_order
 from nnunetv2_dsm.manifest import MANIFEST_KEY, ManifestError, SUBSETS, load_manifest, make_entry, make_manifest
 
+from .outputs import WrittenRecord, foreign_entries, output_lock, refuse_foreign
 from .spec import InputError
 from .writer import FILE_ENDING, atomic_write_text, dataset_folder, raw_root
 
@@ -35,6 +43,8 @@ LINK_MODES = ("auto", "hardlink", "symlink", "copy")
 SPLIT_SOURCES = ("btcv", "lits", "kits")
 INFERENCE_SOURCES = ("msd",)
 STATE_DIR = ".dsm_merge"
+SUBFOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
+PROG = "nnUNetv2_dsm_merge"
 
 
 @dataclass
@@ -82,12 +92,25 @@ def split_subsets(case_sources: Dict[str, str], seed: int = 0, train_fraction: f
     return out
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; a truncated or non-object file is an :class:`InputError` naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e}); it is truncated or damaged. Re-create it (re-run the "
+                         f"command that wrote it).") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} holds a JSON {type(data).__name__}, not an object; it is not an nnU-Net "
+                         f"dataset.json. Re-create it (re-run the command that wrote it).")
+    return data
+
+
 def _load_dsm_dataset(folder: Path) -> dict:
     js = folder / "dataset.json"
     if not js.is_file():
         raise InputError(f"{folder} has no dataset.json: finish its conversion first (nnUNetv2_dsm_convert prints "
                          f"why it did not write one).")
-    ds = json.loads(js.read_text())
+    ds = read_json_object(js)
     if ds.get("labels") != dataset_json_labels():
         raise InputError(f"{js} does not use the DSM label space (its 'labels' differ from "
                          f"nnunetv2_dsm.labels.dataset_json_labels()); convert the source with nnUNetv2_dsm_convert.")
@@ -118,10 +141,11 @@ def resolve_inputs(inputs: Sequence[str], sources: Sequence[str], root: Path) ->
         hits = []
         for js in sorted(root.glob("Dataset*/dataset.json")):
             try:
-                if json.loads(js.read_text()).get("dsm_conversion", {}).get("source") == src:
-                    hits.append(js.parent.resolve())
-            except ValueError:
-                continue
+                conversion = read_json_object(js).get("dsm_conversion")
+            except InputError:
+                continue                          # not a usable dataset: cannot be the one asked for
+            if isinstance(conversion, dict) and conversion.get("source") == src:
+                hits.append(js.parent.resolve())
         if len(hits) != 1:
             raise InputError(f"--sources {src}: found {len(hits)} converted {src} datasets in {root} "
                              f"({', '.join(h.name for h in hits) or 'none'}); convert it first, or name the dataset "
@@ -176,7 +200,7 @@ def merge(inputs: Sequence[str], dataset_id: int, sources: Sequence[str] = (), n
         raise InputError(f"link must be one of {LINK_MODES}")
     if not 0 <= train_fraction <= 1:
         raise InputError("train fraction must be within 0..1")
-    root = raw_root(raw_dir)
+    root = writable_dir(raw_root(raw_dir), "-o")
     out = dataset_folder(root, dataset_id, name)
     folders = resolve_inputs(inputs, sources, root)
     if out.resolve() in folders:
@@ -194,28 +218,60 @@ def merge(inputs: Sequence[str], dataset_id: int, sources: Sequence[str] = (), n
             entries[cid] = entry
             files[cid] = (_find(folder, cid, "images"), _find(folder, cid, "labels"))
     subsets = split_subsets({c: e["source"] for c, e in entries.items()}, seed, train_fraction)
-    if out.is_dir() and any(out.iterdir()):
-        js = out / "dataset.json"
-        if not js.is_file() or "dsm_merge" not in json.loads(js.read_text()):
-            raise InputError(f"{out} exists and is not a dataset written by nnUNetv2_dsm_merge; choose another -d.")
-    tmp_dir = out / STATE_DIR / "tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    summary = MergeSummary(out, subsets, {c: e["source"] for c, e in entries.items()})
-    wanted = set()
+    wanted: Dict[Path, Path] = {}                                  # destination -> source file
     for cid in sorted(entries):
         tr = "Tr" if subsets[cid] == "train" else "Ts"
         for kind, src in zip(("images", "labels"), files[cid]):
-            dst = out / f"{kind}{tr}" / src.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            wanted.add(dst)
-            how = place(src, dst, link, tmp_dir)
-            if how:
-                summary.links[how] += 1
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):      # from an earlier merge with another split
-        for p in (out / sub).iterdir() if (out / sub).is_dir() else ():
-            if p not in wanted:
-                p.unlink()
+            wanted[out / f"{kind}{tr}" / src.name] = src
+    summary = MergeSummary(out, subsets, {c: e["source"] for c, e in entries.items()})
+    with output_lock(out, PROG):
+        _place_all(out, wanted, link, summary)
+        _write_merged_json(out, name, folders, entries, subsets, summary, seed, train_fraction)
+    return summary
+
+
+def _check_ours(out: Path, record: WrittenRecord, wanted: Dict[Path, Path]) -> None:
+    """Refuse (naming it) any file in the output that an earlier merge did not place: merge deletes and replaces
+    only its own files. A file that already is the one to be placed (same inode) is accepted."""
+    visible = [p for p in out.iterdir() if not p.name.startswith(".")]
+    js = out / "dataset.json"
+    if visible and (not js.is_file() or "dsm_merge" not in read_json_object(js)):
+        raise InputError(f"{out} exists and is not a dataset written by {PROG} (no dataset.json with 'dsm_merge'); "
+                         f"choose another -d.")
+
+    def ours(p: Path) -> bool:
+        if record.owns(p):
+            return True
+        try:
+            return p in wanted and os.path.samefile(p, wanted[p])
+        except OSError:
+            return False
+    refuse_foreign(foreign_entries([out / s for s in SUBFOLDERS], ours), out, PROG)
+
+
+def _place_all(out: Path, wanted: Dict[Path, Path], link: str, summary: MergeSummary) -> None:
+    """Place every wanted file and remove the files of an earlier merge that this one does not place."""
+    record = WrittenRecord(out, STATE_DIR)
+    _check_ours(out, record, wanted)
+    tmp_dir = out / STATE_DIR / "tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    previous = {out / n for n in record.names}
+    record.save(previous | set(wanted))                      # claimed before placing: an interruption keeps them ours
+    for dst, src in wanted.items():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        how = place(src, dst, link, tmp_dir)
+        if how:
+            summary.links[how] += 1
+    for p in sorted(previous - set(wanted)):                 # ours, from an earlier merge with another split
+        p.unlink(missing_ok=True)
+    record.save(wanted)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _write_merged_json(out: Path, name: str, folders: List[Path], entries: dict, subsets: Dict[str, str],
+                       summary: MergeSummary, seed: int, train_fraction: float) -> None:
+    """The merged dataset.json: labels, the merged manifest and the split record."""
     manifest = {c: make_entry(e["source"], e["annotated"], subset=subsets[c]) for c, e in entries.items()}
     counts = {s: dict(sorted(c.items())) for s, c in sorted(summary.counts().items())}
     ds = {
@@ -236,6 +292,5 @@ def merge(inputs: Sequence[str], dataset_id: int, sources: Sequence[str] = (), n
                       "counts": counts},
         "dsm_merge": {"inputs": [f.name for f in folders]},
     }
-    atomic_write_text(out / "dataset.json", json.dumps(ds, indent=2, sort_keys=False) + "\n", tmp_dir)
-    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
-    return summary
+    atomic_write_text(out / "dataset.json", json.dumps(ds, indent=2, sort_keys=False) + "\n", out / STATE_DIR / "tmp")
+    shutil.rmtree(out / STATE_DIR / "tmp", ignore_errors=True)

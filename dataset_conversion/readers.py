@@ -71,6 +71,50 @@ def read_file(path: Path) -> sitk.Image:
     return img
 
 
+def nonfinite_mask(path: Path):
+    """(z, y, x) bool mask of the NaN/Inf voxels *stored* in a float NIfTI file, or None when it has none (or is
+    not a float NIfTI). Needed because SimpleITK's NIfTI reader silently returns 0 for them."""
+    import nibabel as nib
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        return None
+    img = nib.load(str(path))
+    if img.header.get_data_dtype().kind != "f":
+        return None                                  # integers cannot hold NaN
+    arr = np.asanyarray(img.dataobj)
+    bad = ~np.isfinite(arr)
+    if not bad.any():
+        return None
+    return np.ascontiguousarray(bad.reshape(bad.shape[:3]).transpose(2, 1, 0)) if bad.ndim >= 3 else bad
+
+
+def check_finite(path: Path, what: str = "label") -> None:
+    """Raise :class:`CaseError` if the file stores NaN or infinite values (counted), e.g. a label or an anomaly
+    map: they would be read as 0 without a word (see :func:`nonfinite_mask`)."""
+    mask = nonfinite_mask(Path(path))
+    if mask is not None:
+        raise CaseError(f"{path} holds {int(mask.sum())} NaN or infinite values of {mask.size}; a {what} must be "
+                        f"finite. Re-export it.")
+
+
+def read_label_file(path: Path) -> sitk.Image:
+    """:func:`read_file` for a label: NaN/Inf values are an error, not background."""
+    img = read_file(path)                            # completeness first: nibabel must not meet a truncated file
+    check_finite(Path(path), "label")
+    return img
+
+
+def check_not_label_map(image: sitk.Image, path: Path) -> None:
+    """Raise :class:`CaseError` if the 'CT' looks like a label map: 8-bit, or a few small non-negative integers
+    (a CT in HU has air at about -1000 and hundreds of distinct values)."""
+    if image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8):
+        raise CaseError(f"{path} is an 8-bit image: that is a label map or a screenshot, not a CT in HU. Check "
+                        f"which file is the image and which the label.")
+    arr = sitk.GetArrayViewFromImage(image)
+    if arr.size and np.issubdtype(arr.dtype, np.integer) and arr.min() >= 0 and arr.max() < 64:
+        raise CaseError(f"{path} holds only the values {np.unique(arr)[:8].tolist()}...: that is a label map, not a "
+                        f"CT in HU. Check which file is the image and which the label.")
+
+
 def read_nifti(case: CaseFiles) -> sitk.Image:
     """Default image reader: the case's single image file."""
     return read_file(Path(case.image))
@@ -78,7 +122,7 @@ def read_nifti(case: CaseFiles) -> sitk.Image:
 
 def read_nifti_label(case: CaseFiles, image: sitk.Image, ctx) -> np.ndarray:
     """Default label reader: the case's single label file, aligned to the image grid, as integers."""
-    lab = read_file(Path(case.label))
+    lab = read_label_file(Path(case.label))
     return to_int_labels(align_label(lab, image, ctx.label_grid, Path(case.label), ctx.image_name), Path(case.label))
 
 

@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from nnunetv2_dsm.cli.errors import UserError
 from nnunetv2_dsm.labels import LATERAL_PAIRS, NUM_ORGANS, TUMOUR_HOSTS, class_index
 
 ClassSpec = Union[None, str, Tuple[str, ...]]
 LabelMap = Mapping[Union[int, str], ClassSpec]
 
 
-class ConversionError(Exception):
-    """Base class: the message names the offending file and says what to do."""
+class ConversionError(UserError):
+    """Base class: the message names the offending file and says what to do (a command exits 2 with it)."""
 
 
 class InputError(ConversionError):

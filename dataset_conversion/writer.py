@@ -8,11 +8,20 @@ Atomic, resumable, idempotent:
 
 * every file is written under ``<dataset>/.dsm_convert/tmp/`` and moved into place with ``os.replace``, so
   imagesTr/labelsTr never hold a partial file;
-* after a case's files are in place a record ``.dsm_convert/done/<case>.json`` is written (also atomically) with a
-  fingerprint of its input files (relative path, size, mtime) and the conversion options. A re-run skips every case
-  whose record matches and whose outputs are present: an interrupted run resumes where it stopped, and a finished
-  one rewrites only an identical dataset.json;
+* before a case's files are written its record ``.dsm_convert/done/<case>.json`` claims them; after they are in
+  place the record is completed (also atomically) with a fingerprint of its input files (relative path, size,
+  mtime, ctime: an edit that keeps size and mtime still changes ctime) and the conversion options. A re-run skips
+  every case whose record matches and whose outputs are present: an interrupted run resumes where it stopped, and
+  a finished one rewrites only an identical dataset.json;
+* convert never deletes or overwrites a file it did not write: an output file without a record, any other file in
+  imagesTr/labelsTr/imagesTs, or a dataset.json it did not write makes it refuse, naming the file;
+* one run at a time per output folder (:func:`.outputs.output_lock`);
 * source files are only ever opened for reading.
+
+Input checks besides the readers' (:mod:`.readers`): case ids must be usable file names
+(:func:`nnunetv2_dsm.manifest.case_id_problem`); an image that looks like a label map (8-bit, few values, none
+negative) is refused; NaN/Inf voxels in a CT fail the case with their count unless ``allow_nonfinite`` (then they
+are written as the image's lowest finite value, with a warning); NaN/Inf in a label always fail the case.
 
 A case that cannot be converted is reported in the summary with the file and the fix; by default dataset.json is
 then not written (``skip_failed=True`` writes it without those cases).
@@ -22,89 +31,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import SimpleITK as sitk
 
-from nnunetv2_dsm.labels import CLASS_NAMES, dataset_json_labels, regions_class_order
-from nnunetv2_dsm.manifest import MANIFEST_KEY, make_entry, make_manifest
+from nnunetv2_dsm.labels import dataset_json_labels, regions_class_order
+from nnunetv2_dsm.cli.errors import writable_dir
+from nnunetv2_dsm.manifest import MANIFEST_KEY, case_id_problem, make_entry, make_manifest
 
 from . import readers
 from .labelmap import apply_label_map, classes_present, targets_by_id
+from .outputs import foreign_entries, output_lock, refuse_foreign
+from .summary import CaseResult, Summary
 from .spec import CaseError, CaseFiles, ConversionError, InputError, Notes, Source, annotated_classes, walk_files
 
 CONVERTER_VERSION = 1
 FILE_ENDING = ".nii.gz"
 STATE_DIR = ".dsm_convert"
-
-
-@dataclass
-class CaseResult:
-    """Outcome of one case: status, annotated and present classes, the error or warnings."""
-    case_id: str
-    status: str                       # written | done (resumed) | failed
-    test: bool = False
-    annotated: List[str] = field(default_factory=list)
-    present: List[str] = field(default_factory=list)
-    error: str = ""
-    warnings: List[str] = field(default_factory=list)
-
-
-@dataclass
-class Summary:
-    """What a conversion did; ``table()`` is the text printed at the end."""
-    source: str
-    dataset_dir: Path
-    results: List[CaseResult]
-    notes: Notes
-    dataset_json_written: bool = False
-
-    def by_status(self, status: str, test: Optional[bool] = None) -> List[CaseResult]:
-        return [r for r in self.results if r.status == status and (test is None or r.test == test)]
-
-    @property
-    def failed(self) -> List[CaseResult]:
-        return self.by_status("failed")
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def table(self) -> str:
-        tr = [r for r in self.results if r.status != "failed" and not r.test]
-        ts = [r for r in self.results if r.status != "failed" and r.test]
-        lines = [f"nnUNetv2_dsm_convert {self.source} -> {self.dataset_dir}",
-                 f"  labelled cases (imagesTr): {len(tr)} ({len(self.by_status('written', False))} written, "
-                 f"{len(self.by_status('done', False))} already done)",
-                 f"  test images (imagesTs):    {len(ts)} ({len(self.by_status('written', True))} written, "
-                 f"{len(self.by_status('done', True))} already done)",
-                 f"  skipped: {len(self.notes.skipped)}    failed: {len(self.failed)}"]
-        annotated = {n: sum(n in r.annotated for r in tr) for n in CLASS_NAMES}
-        present = {n: sum(n in r.present for r in tr) for n in CLASS_NAMES}
-        rows = [n for n in CLASS_NAMES if annotated[n] or present[n]]
-        if rows:
-            w = max(len(n) for n in rows)
-            lines.append(f"  {'class':<{w}}  annotated  present")
-            lines += [f"  {n:<{w}}  {annotated[n]:>9}  {present[n]:>7}" for n in rows]
-        for what, why in self.notes.skipped:
-            lines.append(f"  SKIPPED {what}: {why}")
-        for r in self.results:
-            lines += [f"  WARNING {r.case_id}: {w}" for w in r.warnings]
-        lines += [f"  WARNING {w}" for w in self.notes.warnings]
-        for r in self.failed:
-            lines.append(f"  FAILED {r.case_id}: {r.error}")
-        if self.failed:
-            lines.append("  dataset.json " + ("written without the failed cases (--skip-failed)." if
-                                             self.dataset_json_written else
-                                             "NOT written: fix the files above and run the same command again "
-                                             "(finished cases are not redone), or pass --skip-failed."))
-        return "\n".join(lines)
+PROG = "nnUNetv2_dsm_convert"
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+WORKER_DIED = ("a worker process died before finishing this case (killed for lack of memory?); run again with "
+               "fewer processes (-np 1 needs the least memory); finished cases are not redone")
 
 
 class _Ctx:
@@ -129,8 +83,9 @@ def dataset_folder(root: Path, dataset_id: int, name: str) -> Path:
     """``root/Dataset{id:03d}_{name}``; another folder with the same id is an error (nnU-Net needs unique ids)."""
     if not 1 <= int(dataset_id) <= 999:
         raise InputError(f"dataset id {dataset_id} must be within 1..999")
-    if not name or any(c in name for c in "/\\ "):
-        raise InputError(f"dataset name {name!r} must be non-empty without spaces or slashes")
+    if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
+        raise InputError(f"dataset name {name!r} is not usable: use letters, digits, '_' and '-' (starting with a "
+                         f"letter or digit), e.g. --name BTCV")
     out = root / f"Dataset{int(dataset_id):03d}_{name}"
     if root.is_dir():
         clash = [p.name for p in root.glob(f"Dataset{int(dataset_id):03d}_*") if p.name != out.name]
@@ -165,8 +120,26 @@ def _fingerprint(case: CaseFiles, input_dir: Path) -> List[list]:
             rel = str(f.relative_to(input_dir))
         except ValueError:
             rel = str(f)
-        out.append([rel, st.st_size, st.st_mtime_ns])
+        out.append([rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
     return out
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _same_inputs(case: CaseFiles, input_dir: Path, rec: dict) -> bool:
+    """True if the case's input files are those of the record: same names, sizes and mtimes, and, for a file whose
+    ctime changed (an edit that restored size and mtime, but also a chmod or a copy), the same SHA-1."""
+    now, then = _fingerprint(case, input_dir), rec["fingerprint"]
+    if [f[:3] for f in now] != [f[:3] for f in then]:
+        return False
+    files = case.input_files()
+    return all(a[3:] == b[3:] or rec["sha1"][i] == _sha1(files[i]) for i, (a, b) in enumerate(zip(now, then)))
 
 
 def _options_key(source: Source, case: CaseFiles, opts: dict) -> str:
@@ -189,7 +162,7 @@ def _load_done(source: Source, case: CaseFiles, out: Path, input_dir: Path, opts
     """The recorded result if this case was already converted from the same inputs with the same options."""
     try:
         rec = json.loads(_record_path(out, case.case_id).read_text())
-        if rec["fingerprint"] != _fingerprint(case, input_dir) or rec["options"] != _options_key(source, case, opts):
+        if rec["options"] != _options_key(source, case, opts) or not _same_inputs(case, input_dir, rec):
             return None
         if any(not p.is_file() or p.stat().st_size != rec["outputs"].get(p.name) for p in _outputs(out, case)):
             return None
@@ -215,6 +188,8 @@ def _convert_case(source: Source, case: CaseFiles, out: Path, input_dir: Path, o
     options_key = _options_key(source, case, opts)           # before a reader sets a per-case map
     read_image = source.read_image or readers.read_nifti
     image = read_image(case)
+    readers.check_not_label_map(image, case.input_files()[0])
+    image, nonfinite = _finite_image(image, case, opts)
     image_name = str(case.image if not isinstance(case.image, (list, tuple)) else Path(case.image[0]).parent)
     ctx = _Ctx(source.label_grid, image_name, opts["unknown_labels"])
     annotated, present, label = [], [], None
@@ -237,8 +212,11 @@ def _convert_case(source: Source, case: CaseFiles, out: Path, input_dir: Path, o
     outputs = _outputs(out, case)
     for p in outputs:
         p.parent.mkdir(parents=True, exist_ok=True)
+    claim = {"case_id": case.case_id, "claimed": [p.name for p in outputs], "outputs": {}}
+    atomic_write_text(_record_path(out, case.case_id), json.dumps(claim), tmp_dir)   # ours before it exists
     src = Path(case.image) if not isinstance(case.image, (list, tuple)) else None
-    if (source.read_image is None and not reorient and src is not None and src.name.endswith(FILE_ENDING)):
+    if (source.read_image is None and not reorient and src is not None and src.name.endswith(FILE_ENDING)
+            and not nonfinite):
         tmp = tmp_dir / f"{os.getpid()}_{outputs[0].name}"
         shutil.copyfile(src, tmp)            # already nnU-Net-ready: copy the bytes, do not re-encode
         os.replace(tmp, outputs[0])
@@ -247,10 +225,36 @@ def _convert_case(source: Source, case: CaseFiles, out: Path, input_dir: Path, o
     if label is not None:
         _write_image(label, outputs[1], tmp_dir, 6)
     record = {"case_id": case.case_id, "fingerprint": _fingerprint(case, input_dir),
+              "sha1": [_sha1(f) for f in case.input_files()],
               "options": options_key, "outputs": {p.name: p.stat().st_size for p in outputs},
               "annotated": annotated, "present": present, "test": case.test}
     atomic_write_text(_record_path(out, case.case_id), json.dumps(record, indent=1), tmp_dir)
-    return CaseResult(case.case_id, "written", case.test, annotated, present, warnings=ctx.notes.warnings)
+    warnings = ctx.notes.warnings + ([case.info["nonfinite_warning"]] if nonfinite else [])
+    return CaseResult(case.case_id, "written", case.test, annotated, present, warnings=warnings)
+
+
+def _finite_image(image: sitk.Image, case: CaseFiles, opts: dict):
+    """(image, number of NaN/Inf voxels) with NaN/Inf handled: an error naming the count, or with
+    ``allow_nonfinite`` those voxels set to the lowest finite value. SimpleITK's NIfTI reader turns them into 0
+    silently, so the stored values are checked (:func:`.readers.nonfinite_mask`)."""
+    path = case.input_files()[0]
+    mask = readers.nonfinite_mask(path) if not isinstance(case.image, (list, tuple)) else None
+    if mask is None:
+        return image, 0
+    n = int(mask.sum())
+    if not opts.get("allow_nonfinite"):
+        raise CaseError(f"{path} holds {n} NaN or infinite voxels of {mask.size}; a CT must hold finite HU values. "
+                        f"Re-export the image, or pass --allow-nonfinite to write them as the image's lowest finite "
+                        f"value.")
+    arr = sitk.GetArrayFromImage(image)
+    if arr.shape != mask.shape:      # a reader that reshaped the image: cannot map the voxels back
+        raise CaseError(f"{path} holds {n} NaN or infinite voxels; re-export the image with finite values.")
+    fill = arr[~mask].min() if n < mask.size else 0
+    arr[mask] = fill
+    fixed = sitk.GetImageFromArray(arr)
+    fixed.CopyInformation(image)
+    case.info["nonfinite_warning"] = f"{n} NaN/infinite voxels of {path} written as {fill} (--allow-nonfinite)"
+    return fixed, n
 
 
 def find_source_cases(source: Source, input_dir: Path, notes: Notes) -> List[CaseFiles]:
@@ -270,6 +274,10 @@ def find_source_cases(source: Source, input_dir: Path, notes: Notes) -> List[Cas
                          f"{hint}")
     seen: Dict[str, CaseFiles] = {}
     for c in cases:
+        problem = case_id_problem(c.case_id)
+        if problem:
+            raise InputError(f"the case id {c.case_id!r} made from {c.input_files()[0]} is not usable as a file name "
+                             f"({problem}). Rename the file or folder it comes from to letters, digits, '_' or '-'.")
         if c.case_id in seen:
             raise InputError(f"duplicate case id {c.case_id}: {seen[c.case_id].input_files()[0]} and "
                              f"{c.input_files()[0]}. Remove the duplicate copy and run again.")
@@ -279,25 +287,66 @@ def find_source_cases(source: Source, input_dir: Path, notes: Notes) -> List[Cas
 
 def convert(source: Source, input_dir, dataset_id: int, name: Optional[str] = None, raw_dir=None,
             num_processes: int = 1, unknown_labels: str = "error", skip_failed: bool = False,
-            keep_orientation: bool = False, compression_level: int = 1, progress: bool = True) -> Summary:
+            keep_orientation: bool = False, compression_level: int = 1, progress: bool = True,
+            allow_nonfinite: bool = False) -> Summary:
     """Convert the source dataset in ``input_dir`` to ``$nnUNet_raw/Dataset{id}_{name}``; returns the summary."""
-    from tqdm import tqdm
+    if int(num_processes) < 1:
+        raise InputError(f"-np {num_processes}: the number of processes must be 1 or more")
     input_dir = Path(input_dir).resolve()
     notes = Notes()
     cases = find_source_cases(source, input_dir, notes)
-    out = dataset_folder(raw_root(raw_dir), dataset_id, name or source.title)
-    expected = {p for c in cases for p in _outputs(out, c)}
-    stale = sorted(p for sub in ("imagesTr", "labelsTr", "imagesTs") if (out / sub).is_dir()
-                   for p in (out / sub).iterdir() if p not in expected)
+    out = dataset_folder(writable_dir(raw_root(raw_dir), "-o"), dataset_id, name or source.title)
+    opts = {"unknown_labels": unknown_labels, "keep_orientation": keep_orientation,
+            "compression_level": compression_level, "allow_nonfinite": allow_nonfinite}
+    with output_lock(out, PROG):
+        _check_ours(out, cases)
+        tmp_dir = out / STATE_DIR / "tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)        # leftovers of an interrupted run (the lock is ours)
+        tmp_dir.mkdir(parents=True)
+        results = _run_cases(source, cases, out, input_dir, opts, num_processes, progress)
+        summary = Summary(source.name, out, [results[c.case_id] for c in cases], notes)
+        ds_json = out / "dataset.json"
+        if summary.failed and not skip_failed:
+            ds_json.unlink(missing_ok=True)      # never leave a dataset.json that disagrees with the folder
+        else:
+            for r in summary.failed:             # outputs of an earlier successful run of a now-failing case
+                for p in _outputs(out, next(c for c in cases if c.case_id == r.case_id)):
+                    p.unlink(missing_ok=True)
+                _record_path(out, r.case_id).unlink(missing_ok=True)
+            _write_dataset_json(source, out, summary, input_dir, opts)
+            summary.dataset_json_written = True
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return summary
+
+
+def _check_ours(out: Path, cases: List[CaseFiles]) -> None:
+    """Refuse, naming it, any file convert would delete or overwrite without having written it: files of
+    imagesTr/labelsTr/imagesTs it does not produce, an output without its case record, a foreign dataset.json."""
+    expected = {p: c for c in cases for p in _outputs(out, c)}
+
+    def ours(p: Path) -> bool:
+        return p in expected and _record_path(out, expected[p].case_id).is_file()
+    stale = foreign_entries([out / sub for sub in ("imagesTr", "labelsTr", "imagesTs")], lambda p: p in expected)
     if stale:
         raise InputError(f"{out} holds {len(stale)} files that this conversion does not produce (e.g. {stale[0]}). "
                          f"They belong to another dataset or an earlier input folder: remove them, or choose another "
                          f"dataset id with -d.")
-    tmp_dir = out / STATE_DIR / "tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)        # leftovers of an interrupted run
-    tmp_dir.mkdir(parents=True)
-    opts = {"unknown_labels": unknown_labels, "keep_orientation": keep_orientation,
-            "compression_level": compression_level}
+    refuse_foreign(foreign_entries([out / sub for sub in ("imagesTr", "labelsTr", "imagesTs")], ours), out, PROG)
+    js = out / "dataset.json"
+    if js.is_file():
+        try:
+            mine = "dsm_conversion" in json.loads(js.read_text())
+        except (ValueError, TypeError, UnicodeDecodeError):
+            mine = False
+        if not mine:
+            refuse_foreign([js], out, PROG)
+
+
+def _run_cases(source: Source, cases: List[CaseFiles], out: Path, input_dir: Path, opts: dict, num_processes: int,
+               progress: bool) -> Dict[str, CaseResult]:
+    """Every case's result: resumed from its record, or converted (in ``num_processes`` worker processes). A
+    worker that dies (OOM killer) fails the cases not finished, with advice, instead of a traceback."""
+    from tqdm import tqdm
     results: Dict[str, CaseResult] = {}
     todo = []
     for c in cases:
@@ -309,30 +358,22 @@ def convert(source: Source, input_dir, dataset_id: int, name: Optional[str] = No
     bar = tqdm(total=len(cases), initial=len(results), desc=f"{source.name}", unit="case", disable=not progress,
                file=sys.stderr)
     if num_processes > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(num_processes, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(convert_case, source.name, c, out, input_dir, opts) for c in todo]
-            for f in as_completed(futures):
-                r = f.result()
-                results[r.case_id] = r
-                bar.update()
+        try:
+            with ProcessPoolExecutor(num_processes, mp_context=get_context("spawn")) as pool:
+                futures = [pool.submit(convert_case, source.name, c, out, input_dir, opts) for c in todo]
+                for f in as_completed(futures):
+                    r = f.result()
+                    results[r.case_id] = r
+                    bar.update()
+        except BrokenProcessPool:
+            for c in todo:
+                results.setdefault(c.case_id, CaseResult(c.case_id, "failed", c.test, error=WORKER_DIED))
     else:
         for c in todo:
             results[c.case_id] = convert_case(source.name, c, out, input_dir, opts)
             bar.update()
     bar.close()
-    summary = Summary(source.name, out, [results[c.case_id] for c in cases], notes)
-    ds_json = out / "dataset.json"
-    if summary.failed and not skip_failed:
-        ds_json.unlink(missing_ok=True)      # never leave a dataset.json that disagrees with the folder
-    else:
-        for r in summary.failed:             # outputs of an earlier successful run of a now-failing case
-            for p in _outputs(out, next(c for c in cases if c.case_id == r.case_id)):
-                p.unlink(missing_ok=True)
-            _record_path(out, r.case_id).unlink(missing_ok=True)
-        _write_dataset_json(source, out, summary, input_dir, opts)
-        summary.dataset_json_written = True
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    return summary
+    return results
 
 
 def _write_dataset_json(source: Source, out: Path, summary: Summary, input_dir: Path, opts: dict) -> None:

@@ -42,6 +42,37 @@ class ManifestError(ValueError):
     """dataset.json lacks the DSM manifest, or the manifest is malformed. The message names the file and the fix."""
 
 
+MAX_CASE_ID_LENGTH = 200
+
+
+def case_id_problem(case_id: object) -> Optional[str]:
+    """Why ``case_id`` cannot name nnU-Net files (``<id>_0000.nii.gz``), or None if it can. A case id becomes a file
+    name inside the dataset: no path separators, no ``..``, no leading dot, printable characters only, at most
+    ``MAX_CASE_ID_LENGTH`` characters."""
+    if not isinstance(case_id, str) or not case_id:
+        return "it is empty or not a string"
+    if "/" in case_id or "\\" in case_id:
+        return "it contains a path separator"
+    if ".." in case_id:
+        return "it contains '..'"
+    if case_id.startswith("."):
+        return "it starts with '.' (a hidden file)"
+    if not case_id.isprintable():
+        return "it contains non-printable characters"
+    if len(case_id) > MAX_CASE_ID_LENGTH:
+        return f"it is longer than {MAX_CASE_ID_LENGTH} characters"
+    return None
+
+
+def validate_case_id(case_id: object, where: str) -> str:
+    """``case_id`` if :func:`case_id_problem` finds nothing; else :class:`ManifestError` naming ``where``."""
+    problem = case_id_problem(case_id)
+    if problem:
+        raise ManifestError(f"{where}: case id {case_id!r} is not usable as a file name ({problem}). Case ids may "
+                            f"not contain '/', a backslash, '..' or control characters; rename the case.")
+    return case_id
+
+
 @dataclass(frozen=True)
 class CaseInfo:
     source: str
@@ -119,6 +150,7 @@ def load_manifest(dataset_json: Mapping, where: str = "dataset.json") -> Manifes
                             f"nnunetv2_dsm reads format {MANIFEST_FORMAT}. Re-create it with nnUNetv2_dsm_merge.")
     cases: Dict[str, CaseInfo] = {}
     for case_id, entry in raw["cases"].items():
+        validate_case_id(case_id, where)
         try:
             annotated = tuple(sorted({class_index(n) for n in entry["annotated"]}))
             source = str(entry["source"])

@@ -114,7 +114,7 @@ def read_label(case: CaseFiles, image, ctx) -> np.ndarray:
     raw = np.zeros(image.GetSize()[::-1], np.uint8)
     for i, n in enumerate(order):
         path = Path(case.label[n])
-        m = readers.align_label(readers.read_file(path), image, "same", path, ctx.image_name)
+        m = readers.align_label(readers.read_label_file(path), image, "same", path, ctx.image_name)
         if np.issubdtype(m.dtype, np.floating):
             m = readers.to_int_labels(m, path)
         top = m.max() if m.size else 0
