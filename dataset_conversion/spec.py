@@ -171,12 +171,33 @@ def is_junk(path: Path) -> bool:
 
 
 def walk_files(root: Path) -> Iterable[Path]:
-    """All non-junk files below ``root`` (junk folders are not entered), sorted for determinism."""
+    """All non-junk files below ``root`` (junk folders are not entered), sorted for determinism. Symlinked folders
+    are followed once: a link back to a folder already entered (a loop, or a second link to the same folder) is an
+    :class:`InputError` naming the link, not a flood of duplicate case ids."""
+    seen = {}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            dirnames[:] = []
+            raise InputError(f"{dirpath} leads back to {seen[key]} (a symbolic link loop or a second link to the "
+                             f"same folder): remove the link ({_first_link(Path(dirpath), Path(root))}) and run "
+                             f"again.")
+        seen[key] = dirpath
         dirnames[:] = sorted(d for d in dirnames if not (d.startswith(".") or d == "__MACOSX"))
         for f in sorted(filenames):
             if not f.startswith("."):
                 yield Path(dirpath) / f
+
+
+def _first_link(path: Path, root: Path) -> Path:
+    """The first symbolic link on the way from ``root`` down to ``path`` (``path`` itself if none is found)."""
+    cur = root
+    for part in path.relative_to(root).parts:
+        cur = cur / part
+        if cur.is_symlink():
+            return cur
+    return path
 
 
 def match_files(root: Path, pattern: str, files: Optional[Iterable[Path]] = None) -> Dict[str, Path]:
