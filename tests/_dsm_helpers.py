@@ -38,3 +38,26 @@ def build_backbone(n_stages: int = 4, ndim: int = 3, base: int = 8) -> UNetFeatu
 def tiny_network(stage: int, n_stages: int = 4, ndim: int = 3, seed: int = 0) -> DSMNetwork:
     torch.manual_seed(seed)
     return DSMNetwork(build_backbone(n_stages, ndim), stage, TINY_ARCHITECTURE, ndim=ndim, deep_supervision=True)
+
+
+def params_without_gradient(net: DSMNetwork, train_steps: int = 1, tumours: bool = False, seed: int = 1,
+                            size: int = 32, ndim: int = 3) -> list:
+    """Names of the trainable parameters whose gradient is missing or zero after ``train_steps`` forward/backward
+    passes of the DSM loss on random multi-hot targets (every class annotated; organs only unless ``tumours``),
+    with an AdamW step between passes. The one check behind the "every parameter trains" tests of both stages."""
+    from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS
+    from nnunetv2_dsm.training.loss import DSMLoss
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 1, *[size] * ndim, generator=g)
+    annotated = torch.ones(2, NUM_CLASSES, dtype=torch.bool)
+    annotated[:, NUM_ORGANS:] = tumours
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    for step in range(train_steps):
+        opt.zero_grad()
+        out, extras = net(x, return_extras=True)
+        targets = [torch.rand((2, NUM_CLASSES, *o.shape[2:]), generator=g) > 0.7 for o in out]
+        DSMLoss(len(out))(out, targets, annotated, extras).backward()
+        if step < train_steps - 1:
+            opt.step()
+    return [n for n, p in net.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]

@@ -130,6 +130,12 @@ def test_stage2_tiny_starts_from_stage1_and_predicts(stage2):
     new_line = next(line for line in log.splitlines() if "New in Stage 2 (trained from scratch)" in line)
     assert "tumour.queries" in new_line and "alignment.proj" in new_line and "kmmm" not in new_line
     assert "DSM Stage 2: 12 training / 3 validation cases" in log
+    # the checkpoint records exactly the classes the Stage 2 training cases annotate (it used to say all 45)
+    import torch
+    from nnunetv2_dsm.labels import CLASS_NAMES
+    weights = torch.load(out_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    trained = {CLASS_NAMES[i] for i in np.flatnonzero(weights["trained_classes"].numpy())}
+    assert trained == set(ORGANS_A) | set(ORGANS_B) | {"Liver Tumor"}
     pred = root / "pred_stage2"
     _check_prediction(pred / "Test_000.nii.gz", root / "raw" / DATASET / "imagesTs" / "Test_000_0000.nii.gz")
     probs = np.load(pred / "Test_000.npz")["probabilities"]

@@ -4,9 +4,10 @@ Installed on a DSMNetwork as ``network.inference_extras``, so nnU-Net's own pred
 weighting, mirroring, fold averaging) computes them alongside the 45 class channels:
 
 * prompt p (a CLIP text embedding t_p): the prompt joins the 45 class prompts in Eq. 20's softmax, so it competes
-  with them ("pancreas tumor" vs "Pancreas"); its mask is the mixture of the query masks that claim it most
-  (weights w_jp = p_j(p) / Σ_i p_i(p)), the same mechanism that makes the class channels;
-* anomaly (Eq. 14): −max over the 25 organ-query mask logits — high where no organ query responds.
+  with them ("pancreas tumor" vs "Pancreas"); its mask is the mixture of the masks of the trained queries that
+  claim it most (weights w_jp = p_j(p) / Σ_i p_i(p) over the queries of classes the model was trained on);
+* anomaly (Eq. 14): −max over the finest kMMM layer's 25 organ-query responses, resized to the patch — high where
+  no organ query responds.
 
 It also records, per prompt, how much each query claimed it and their cosine similarity, averaged over every
 forward pass of the case (sliding-window tiles and mirrorings), to report which query answered each prompt.
@@ -16,15 +17,21 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from nnunetv2_dsm.labels import CLASS_NAMES, NUM_ORGANS
-from nnunetv2_dsm.network.alignment import class_mixing_weights, cosine_similarity, query_class_log_probs
+from nnunetv2_dsm.network.alignment import mix_kernels
 from nnunetv2_dsm.network.kmeans_layer import mask_logits
 
 
-def anomaly_map(class_logits: torch.Tensor) -> torch.Tensor:
-    """Eq. 14 on the final masks: (B, 45, *S) logits → (B, 1, *S) = −max over the 25 organ channels."""
-    return -class_logits[:, :NUM_ORGANS].amax(dim=1, keepdim=True)
+def anomaly_map(organ_response: torch.Tensor, size) -> torch.Tensor:
+    """Eq. 14 at full resolution: the finest kMMM layer's organ-query responses (B, 25, *S_l) → (B, 1, *size) =
+    −max over the organs, trilinearly (bilinearly) resized. These responses are trained on organ tissue without
+    tumours (training/loss.py: organ_targets_without_tumours), unlike the final organ masks, which include their
+    tumours and so answered "organ" exactly inside them."""
+    score = -organ_response[:, :NUM_ORGANS].float().amax(dim=1, keepdim=True)
+    mode = "trilinear" if score.ndim == 5 else "bilinear"
+    return F.interpolate(score, size=tuple(size), mode=mode, align_corners=False)
 
 
 class OpenVocabularyOutputs:
@@ -50,7 +57,7 @@ class OpenVocabularyOutputs:
         self._count = 0
 
     def __call__(self, network, queries: torch.Tensor, pixel_embedding: torch.Tensor,
-                 class_logits: torch.Tensor) -> torch.Tensor:
+                 class_logits: torch.Tensor, organ_response: torch.Tensor) -> torch.Tensor:
         extra: List[torch.Tensor] = []
         if self.num_prompts:
             if network.stage != 2:
@@ -58,20 +65,14 @@ class OpenVocabularyOutputs:
                                    "tumour queries and no CLIP alignment")
             extra.append(self._prompt_logits(network, queries, pixel_embedding))
         if self.anomaly:
-            extra.append(anomaly_map(class_logits[:, :len(CLASS_NAMES)]))
+            extra.append(anomaly_map(organ_response, class_logits.shape[2:]).to(class_logits.dtype))
         return torch.cat(extra, 1)
 
     def _prompt_logits(self, network, queries, pixel_embedding):
-        align = network.alignment
-        prompts = self.prompt_embeddings.to(align.text_embeddings)
-        text = torch.cat((align.text_embeddings, prompts))          # the 45 classes + the prompts
-        projected = align.project(queries)
-        weights = class_mixing_weights(query_class_log_probs(projected, text, align.tau))[..., -self.num_prompts:]
-        kernels, biases = network.query_kernels(queries)
-        w = weights.to(kernels.dtype)
-        logits = mask_logits(pixel_embedding, torch.einsum("bnp,bnd->bpd", w, kernels))
-        logits = logits + torch.einsum("bnp,bn->bp", w, biases).reshape(*w.shape[::2], *[1] * (logits.ndim - 2))
-        cos = cosine_similarity(projected, prompts)                  # (B, N, P)
+        weights, cos = network.alignment.prompt_weights(queries, self.prompt_embeddings,
+                                                        eligible=network.trained_classes)   # (B, N, P) each
+        kernels, biases = mix_kernels(weights, *network.query_kernels(queries))
+        logits = mask_logits(pixel_embedding, kernels) + biases.reshape(*biases.shape, *[1] * (pixel_embedding.ndim - 2))
         ws, cs = weights.float().sum(0).T, cos.sum(0).T             # (P, N)
         self._weight_sum = ws if self._weight_sum is None else self._weight_sum + ws
         self._cos_sum = cs if self._cos_sum is None else self._cos_sum + cs

@@ -4,17 +4,26 @@ Eq. 20: each query j, projected into the text space, gets a distribution over th
 
     p_j(k) = softmax_k( cos(t_k, W q_j) / τ ),  τ = 0.01.
 
-DSM turns that into class masks by letting every class k collect the queries that claim it: the mixing weight of
-query j for class k is w_jk = p_j(k) / Σ_i p_i(k) (normalised over queries; the ratio the official code computes,
-here from proper softmax probabilities and in log space so it never divides by ~0). Because the query masks are
-linear in the query kernels (mask_j = <e(v), κ_j>), the class-k logit map is the mask of the mixed kernel
-Σ_j w_jk κ_j: the "cosine-similarity map" the BCE and Dice losses supervise (§4.2.4). With τ = 0.01 a trained
-model has w ≈ identity on the classes it saw; a prompt that is not one of the 45 (new text t) gets the mask of
-the queries whose embeddings are closest to t — the open-vocabulary path.
+The 45 queries are matched to the 45 classes by index (query j is class j's query, as in the paper and the
+official code), and the alignment loss trains that match for every query on every case (training/loss.py), so
+after training p_j(j) ≈ 1. The class-j mask is query j's own mask: Stage 2 then starts from exactly Stage 1's
+organ logits, and a class no training case annotates cannot leak into another class's mask. (An earlier version
+mixed all query masks into every class with the weights below; untrained queries, whose projections nothing
+supervised, then kept 0.11–0.57 of some classes' weight, and at the start of Stage 2 the random projection
+scrambled Stage 1's organs: mean own-query weight 0.026 at step 0.)
+
+Open vocabulary: a free-text prompt t_p joins the class prompts in the softmax; its mask mixes the query masks
+that claim it, w_jp = p_j(p) / Σ_i p_i(p) over the *trained* queries only (an untrained query's mask is
+unsupervised). Because the masks are linear in the query kernels (mask_j = <e(v), κ_j> + b_j), the mixed mask is
+the mask of the mixed kernel Σ_j w_jp κ_j (:func:`mix_kernels`).
+
+The projection is trained on detached queries: the alignment learns to name the queries, the segmentation losses
+shape them (the alignment gradient, 4× the segmentation gradient's norm at the start of Stage 2, otherwise
+flooded the Stage 1 decoder and backbone).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +34,10 @@ TEXT_DIM = 512
 
 
 def cosine_similarity(query_text_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-    """cos(t_k, q_j): (B, N, Dt) projected queries, (K, Dt) text embeddings → (B, N, K), in float32."""
-    return F.normalize(query_text_embeddings.float(), dim=-1) @ F.normalize(text_embeddings.float(), dim=-1).T
+    """cos(t_k, q_j): (B, N, Dt) projected queries, (K, Dt) text embeddings → (B, N, K), in float32 also under
+    autocast (divided by τ = 0.01 next, a half-precision cosine would be off by up to ~0.05 in the logit)."""
+    with torch.autocast(device_type=query_text_embeddings.device.type, enabled=False):
+        return F.normalize(query_text_embeddings.float(), dim=-1) @ F.normalize(text_embeddings.float(), dim=-1).T
 
 
 def query_class_log_probs(query_text_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
@@ -36,13 +47,26 @@ def query_class_log_probs(query_text_embeddings: torch.Tensor, text_embeddings: 
     return (cosine_similarity(query_text_embeddings, text_embeddings) / tau).log_softmax(dim=-1)
 
 
-def class_mixing_weights(log_probs: torch.Tensor) -> torch.Tensor:
-    """w_jk = p_j(k) / Σ_i p_i(k): (B, N, K) log-probabilities → (B, N, K) weights summing to 1 over queries."""
+def class_mixing_weights(log_probs: torch.Tensor, eligible: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """w_jk = p_j(k) / Σ_i p_i(k): (B, N, K) log-probabilities → (B, N, K) weights summing to 1 over queries.
+
+    ``eligible`` (N,) bool restricts the sum to those queries (the others get weight 0): a query whose class no
+    training case annotated has a mask nothing supervised, and must not answer a prompt."""
+    if eligible is not None and not bool(eligible.all()):
+        keep = eligible.to(log_probs.device).reshape(1, -1, 1)
+        log_probs = log_probs.masked_fill(~keep, float("-inf"))
     return log_probs.softmax(dim=1)
 
 
+def mix_kernels(weights: torch.Tensor, kernels: torch.Tensor, biases: torch.Tensor):
+    """Mixed mask kernels: weights (B, N, P), query kernels (B, N, Dm), biases (B, N) → kernels (B, P, Dm) and
+    biases (B, P), Σ_j w_jp κ_j and Σ_j w_jp b_j (the mask of the mixture of the query masks)."""
+    w = weights.to(kernels.dtype)
+    return torch.einsum("bnp,bnd->bpd", w, kernels), torch.einsum("bnp,bn->bp", w, biases)
+
+
 class ClassPromptAlignment(nn.Module):
-    """Projects queries into CLIP's text space and mixes query mask kernels into class mask kernels.
+    """Projects queries into CLIP's text space (W of Eq. 20) and scores them against the class prompts.
 
     ``text_embeddings`` (K, 512) is a buffer: the trainer fills it from the CLIP cache, checkpoints carry it, so
     prediction of the 45 classes needs neither CLIP nor the cache.
@@ -65,12 +89,17 @@ class ClassPromptAlignment(nn.Module):
         """Queries (B, N, D) → their embeddings in the text space (B, N, Dt) (W q_j of Eq. 20)."""
         return self.proj(self.norm(queries))
 
-    def forward(self, queries: torch.Tensor, kernels: torch.Tensor, biases: torch.Tensor,
-                text_embeddings: Optional[torch.Tensor] = None):
-        """queries (B, N, D), query mask kernels (B, N, Dm) and biases (B, N) →
-        (class kernels (B, K, Dm), class biases (B, K), log p (B, N, K)).
-        ``text_embeddings`` (K', Dt) replaces the class prompts (open vocabulary)."""
-        text = self.text_embeddings if text_embeddings is None else text_embeddings
-        log_p = query_class_log_probs(self.project(queries), text, self.tau)
-        w = class_mixing_weights(log_p).to(kernels.dtype)
-        return torch.einsum("bnk,bnd->bkd", w, kernels), torch.einsum("bnk,bn->bk", w, biases), log_p
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        """Eq. 20 for the class prompts: queries (B, N, D) → log p (B, N, K). The queries are detached (see the
+        module docstring): only the projection learns from the alignment loss."""
+        return query_class_log_probs(self.project(queries.detach()), self.text_embeddings, self.tau)
+
+    def prompt_weights(self, queries: torch.Tensor, prompts: torch.Tensor,
+                       eligible: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Open vocabulary: queries (B, N, D), prompt embeddings (P, Dt) → (mixing weights (B, N, P), cosines
+        (B, N, P)). The prompts compete with the K class prompts in Eq. 20's softmax; ``eligible`` (N,) bool limits
+        the mixing to trained queries."""
+        projected = self.project(queries)
+        text = torch.cat((self.text_embeddings, prompts.to(self.text_embeddings)))
+        log_p = query_class_log_probs(projected, text, self.tau)[..., -prompts.shape[0]:]
+        return class_mixing_weights(log_p, eligible), cosine_similarity(projected, prompts)

@@ -8,7 +8,8 @@ constant "absent" logit, so the network still answers all 45 regions nnU-Net exp
 Stage 2 (paper §4.2) adds 20 tumour queries. At every scale: the anomaly prompt from that layer's organ-query
 responses (Eq. 14–15), the semantic diffusion of the scale's features guided by the coarser scale (Eq. 16–18),
 prompt-masked cross-attention of the tumour queries (Eq. 19), then organ and tumour queries attend to each other.
-The 45 final query masks are mixed into class masks by the CLIP class-prompt alignment (Eq. 20).
+Class k's mask is query k's mask (index match); the CLIP class-prompt alignment (Eq. 20) learns to name the
+queries, and free-text prompts mix the masks of the trained queries that match them (network/alignment.py).
 
 Output: raw logits (B, 45, *S). With ``deep_supervision`` on, a list [final, layer 4, ..., layer 1] — the
 per-layer predictions fine → coarse, which the trainer supervises (kMaX-style auxiliary losses).
@@ -16,7 +17,7 @@ per-layer predictions fine → coarse, which the trainer supervises (kMaX-style 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -93,50 +94,40 @@ class DSMNetwork(nn.Module):
         state_dict.setdefault(prefix + "trained_classes", torch.ones(NUM_CLASSES, dtype=torch.bool))  # older files
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    @property
-    def num_outputs(self) -> int:
-        return NUM_CLASSES
-
     def query_kernels(self, queries: torch.Tensor):
         """Final mask kernels (B, N, Dp) and biases (B, N) of the queries: mask_j = <pixel embedding, kernel_j> + b_j."""
         h = self.final_norm(queries)
         return self.final_kernel(h), self.final_bias(h)[..., 0]
 
-    def _final_masks(self, queries: torch.Tensor, pixel_embedding: torch.Tensor,
-                     text_embeddings: Optional[torch.Tensor] = None):
-        kernels, biases = self.query_kernels(queries)
-        log_p = None
-        if self.stage == 2:
-            kernels, biases, log_p = self.alignment(queries, kernels, biases, text_embeddings)
-        logits = mask_logits(pixel_embedding, kernels) + biases.reshape(*biases.shape, *[1] * (pixel_embedding.ndim - 2))
-        return logits, log_p
-
-    def forward(self, x: torch.Tensor, return_extras: bool = False, text_embeddings: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, return_extras: bool = False):
         skips, decoded = self.backbone(x)
         features = [skips[i] for i in self.scale_indices]
         queries = self.organ_queries.expand(x.shape[0], -1, -1)
         aux: List[torch.Tensor] = []
         extras: Dict[str, torch.Tensor] = {}
         tumour_state = self.tumour.init_state(x.shape[0]) if self.stage == 2 else None
+        organ_response = None
         for layer, feat in zip(self.kmmm, features):
-            queries, response, pixel, pixel_embedding = layer(queries, feat)
+            queries, organ_response, pixel, pixel_embedding = layer(queries, feat)
+            response = organ_response
             if self.stage == 2:
                 queries, tumour_state, tumour_logits = self.tumour.refine(
-                    queries, tumour_state, feat, response, pixel_embedding)
-                response = torch.cat((response, tumour_logits), 1)
+                    queries, tumour_state, feat, organ_response, pixel_embedding)
+                response = torch.cat((organ_response, tumour_logits), 1)
             aux.append(response)
         if self.stage == 2:
             queries = torch.cat((queries, tumour_state["queries"]), 1)
+            extras["query_class_log_probs"] = self.alignment(queries)
         pixel_embedding = F.normalize(self.pixel_head(decoded), dim=1)
-        logits, log_p = self._final_masks(queries, pixel_embedding, text_embeddings)
+        kernels, biases = self.query_kernels(queries)
+        logits = mask_logits(pixel_embedding, kernels) + biases.reshape(*biases.shape, *[1] * (x.ndim - 2))
         if self.stage == 1:
             absent = logits.new_full((logits.shape[0], NUM_TUMOURS, *logits.shape[2:]), ABSENT_LOGIT)
             logits = torch.cat((logits, absent), 1)
-        if log_p is not None:
-            extras["query_class_log_probs"] = log_p
         if not self.deep_supervision:
             logits = mask_untrained_classes(logits, self.trained_classes)
         if not self.deep_supervision and self.inference_extras is not None:
-            logits = torch.cat((logits, self.inference_extras(self, queries, pixel_embedding, logits)), 1)
+            extra = self.inference_extras(self, queries, pixel_embedding, logits, organ_response)
+            logits = torch.cat((logits, extra), 1)
         out = [logits] + aux[::-1] if self.deep_supervision else logits
         return (out, extras) if return_extras else out

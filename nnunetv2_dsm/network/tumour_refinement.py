@@ -30,7 +30,20 @@ from nnunetv2_dsm.network.prompt_attention import PromptMaskedCrossAttention, Qu
 from nnunetv2_dsm.network.semantic_diffusion import SemanticDiffusion
 
 
+def zero_init_(*layers: nn.Linear) -> None:
+    """Zero the weights and biases of the output layers of residual branches (kMaX-DeepLab, ReZero): each branch then
+    starts as the identity."""
+    for layer in layers:
+        nn.init.zeros_(layer.weight)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+
+
 class TumourQueryRefinement(nn.Module):
+    """Stage 2's additions at each kMMM scale (module docstring). The organ–tumour self-attention blocks start as the
+    identity (their residual output layers are zero), so a fresh Stage 2 network returns exactly the organ queries,
+    and hence the organ logits, of the Stage 1 model it starts from."""
+
     def __init__(self, feature_channels: Sequence[int], arch, ndim: int = 3):
         super().__init__()
         chans = list(feature_channels)
@@ -40,6 +53,8 @@ class TumourQueryRefinement(nn.Module):
             PromptMaskedCrossAttention(arch.dim, c, num_heads=arch.num_heads) for c in chans)
         self.interaction = nn.ModuleList(
             QueryInteraction(arch.dim, num_heads=arch.num_heads, ffn_dim=arch.ffn_dim) for _ in chans)
+        for block in self.interaction:
+            zero_init_(block.out, block.ffn[-1])
         self.kernel_norm = nn.ModuleList(nn.LayerNorm(arch.dim) for _ in chans)
         self.kernel = nn.ModuleList(nn.Linear(arch.dim, arch.mask_dim) for _ in chans)
 

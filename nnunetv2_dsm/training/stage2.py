@@ -38,7 +38,10 @@ def transfer_weights(network: torch.nn.Module, stage1_state: Dict[str, torch.Ten
     if mismatched:
         raise RuntimeError(f"Stage 1 weights do not fit the Stage 2 network (same plans and architecture "
                            f"needed): shape mismatch for {mismatched[:5]}")
-    network.load_state_dict(matched, strict=False)
+    # the run records go in with their current values: a key missing from a loaded state dict is filled in by
+    # DSMNetwork._load_from_state_dict (older checkpoints), which reset Stage 2's record to "every class trained"
+    current = network.state_dict()
+    network.load_state_dict({**matched, **{k: current[k] for k in RUN_RECORDS if k in current}}, strict=False)
     return sorted(matched), sorted(k for k in own if k not in matched)
 
 

@@ -12,6 +12,7 @@ via ``batch['keys']``; ``do_split`` keeps nnU-Net's 5-fold split but only the ca
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,6 +28,16 @@ from nnunetv2_dsm.network.dsm import DSMArchitecture, DSMNetwork
 from nnunetv2_dsm.training.loss import DSMLoss, masked_tp_fp_fn
 
 TINY_ARCHITECTURE = DSMArchitecture(dim=64, mask_dim=32, pixel_dim=16, num_heads=4, ffn_dim=128)
+
+
+def left_right_axis(transpose_forward, patch_dims: int) -> Optional[int]:
+    """The patch axis along the patient's left–right direction, or None (a 2-D configuration slicing across it).
+
+    Images reach nnU-Net as SimpleITK arrays (z, y, x) of LPS volumes (the converters reorient to LPS, prediction
+    too), so left–right is array axis 2; preprocessing permutes the axes by ``transpose_forward``, and a 2-D
+    configuration's patches are the last two preprocessed axes."""
+    axis = list(transpose_forward).index(2) - (3 - patch_dims)
+    return axis if axis >= 0 else None
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -77,6 +88,17 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
     def _do_i_compile(self):
         # torch.compile only on explicit request: the chunked scan's Python control flow recompiles a lot
         return self.device.type == "cuda" and os.environ.get("nnUNet_compile", "").lower() in ("1", "true", "t")
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """nnU-Net's settings without mirroring along the patient's left–right axis, in augmentation and at test
+        time: 8 classes are lateral (kidneys, adrenals, lungs, femur heads), and a mirrored CT puts the left kidney
+        where the right one belongs (TotalSegmentator turns mirroring off for the same reason)."""
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        lateral = left_right_axis(self.plans_manager.transpose_forward, len(self.configuration_manager.patch_size))
+        mirror_axes = tuple(a for a in (mirror_axes or ()) if a != lateral) or None
+        self.inference_allowed_mirroring_axes = mirror_axes
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
 
     def _build_loss(self):
         n_outputs = 1 + len(kmmm_stage_indices(len(self.configuration_manager.pool_op_kernel_sizes))) \

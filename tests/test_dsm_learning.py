@@ -1,0 +1,108 @@
+"""What DSM must get right to learn (issue: Stage 2 builds on Stage 1, class mixing and anomaly maps work): each
+test fails on the code before the fix it guards."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _dsm_helpers import tiny_network
+from nnunetv2_dsm.inference.open_vocabulary import anomaly_map
+from nnunetv2_dsm.labels import CLASS_NAMES, NUM_CLASSES, NUM_ORGANS, class_index
+from nnunetv2_dsm.network.alignment import class_mixing_weights, cosine_similarity
+from nnunetv2_dsm.network.kmeans_layer import kmeans_update
+from nnunetv2_dsm.training.loss import alignment_loss, organ_targets_without_tumours
+from nnunetv2_dsm.training.stage2 import transfer_weights
+from nnunetv2_dsm.training.trainers import left_right_axis, nnUNetTrainerDSMStage1
+
+
+def test_after_the_alignment_converges_every_class_keeps_its_weight_on_its_own_query():
+    """Eq. 20's mixing weights w_jk: trained with the index-matched alignment loss of every query, each of the 45
+    classes keeps >= 0.95 of its weight on its own query (with the loss on annotated classes only, untrained
+    queries kept up to 0.57 of other classes' weight)."""
+    torch.manual_seed(0)
+    align = tiny_network(stage=2).alignment
+    align.set_text_embeddings(F.normalize(torch.randn(NUM_CLASSES, 512), dim=-1))
+    centres = torch.randn(NUM_CLASSES, align.norm.normalized_shape[0])
+    opt = torch.optim.Adam(align.parameters(), 1e-2)
+    for _ in range(150):
+        queries = centres + 0.1 * torch.randn(4, *centres.shape)        # per-case variation of the queries
+        opt.zero_grad()
+        alignment_loss(align(queries)).backward()
+        opt.step()
+    with torch.no_grad():
+        w = class_mixing_weights(align(centres + 0.1 * torch.randn(8, *centres.shape)))
+    own = w.diagonal(dim1=1, dim2=2).mean(0)                            # (45,) weight of class k on query k
+    assert own.min() >= 0.95, {CLASS_NAMES[k]: round(float(own[k]), 3) for k in own.argsort()[:5].tolist()}
+
+
+def test_alignment_does_not_push_gradients_into_the_queries():
+    net = tiny_network(stage=2)
+    net.alignment.set_text_embeddings(F.normalize(torch.randn(NUM_CLASSES, 512), dim=-1))
+    queries = torch.randn(2, NUM_CLASSES, net.arch.dim, requires_grad=True)
+    alignment_loss(net.alignment(queries)).backward()
+    assert queries.grad is None and net.alignment.proj.weight.grad.abs().sum() > 0
+
+
+def test_stage2_at_step_0_reproduces_stage1_organ_logits():
+    s1, s2 = tiny_network(stage=1, seed=1), tiny_network(stage=2, seed=2)
+    transfer_weights(s2, s1.state_dict())
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        out1, out2 = s1(x), s2(x)
+    for o1, o2 in zip(out1, out2):   # final logits, then every kMMM layer's organ responses
+        torch.testing.assert_close(o2[:, :NUM_ORGANS], o1[:, :NUM_ORGANS], rtol=1e-5, atol=1e-5)
+
+
+def test_per_layer_organ_targets_leave_out_annotated_tumours_only():
+    target = torch.zeros(2, NUM_CLASSES, 4, 4, 4, dtype=torch.bool)
+    liver, tumour = class_index("Liver") - 1, class_index("Liver Tumor") - 1
+    target[:, liver, :2] = True
+    target[:, tumour, 0] = True                          # the tumour lies inside the liver, as the labels say
+    annotated = torch.zeros(2, NUM_CLASSES, dtype=torch.bool)
+    annotated[:, liver] = True
+    annotated[0, tumour] = True                          # case 1 does not annotate the tumour channel
+    layer = organ_targets_without_tumours(target, annotated)
+    assert not layer[0, liver, 0].any() and layer[0, liver, 1].all()    # tumour voxels left out of the organ
+    assert torch.equal(layer[1], target[1])                             # unannotated: unchanged
+    assert torch.equal(layer[:, NUM_ORGANS:], target[:, NUM_ORGANS:])   # tumour channels unchanged
+
+
+def test_anomaly_map_is_minus_the_max_organ_response_resized():
+    response = torch.full((1, NUM_ORGANS, 2, 2, 2), 3.0)
+    response[0, :, 0, 0, 0] = -2.0                       # no organ claims this corner
+    a = anomaly_map(response, (4, 4, 4))
+    assert a.shape == (1, 1, 4, 4, 4)
+    assert a[0, 0, 0, 0, 0] > a[0, 0, 3, 3, 3] and torch.isclose(a[0, 0, 3, 3, 3], torch.tensor(-3.0))
+
+
+def test_kmeans_update_and_cosine_run_in_float32_under_autocast():
+    assign = torch.zeros(1, 2, 70000)
+    assign[0, 0] = 1.0                                   # one cluster of 70,000 voxels
+    values = torch.ones(1, 3, 70000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        update = kmeans_update(assign, values)
+        cos = cosine_similarity(torch.randn(2, 5, 16), torch.randn(7, 16))
+    assert update.dtype == torch.float32 and cos.dtype == torch.float32
+    assert update[0, 0, 0].item() == 70000.0             # exact in float32; 65,504 is float16's largest value
+    assert torch.isfinite(update.half().float()[0, 1]).all()
+
+
+def test_left_right_axis_follows_transpose_forward():
+    assert left_right_axis([0, 1, 2], 3) == 2
+    assert left_right_axis([2, 0, 1], 3) == 0
+    assert left_right_axis([0, 1, 2], 2) == 1            # 2-D patches are the last two preprocessed axes
+    assert left_right_axis([2, 0, 1], 2) is None         # 2-D slices across the left-right axis
+
+
+@pytest.mark.parametrize("transpose, patch", [([0, 1, 2], [64, 64, 64]), ([2, 0, 1], [64, 64, 64]),
+                                              ([0, 1, 2], [128, 128])])
+def test_dsm_trainers_never_mirror_left_right(transpose, patch):
+    trainer = nnUNetTrainerDSMStage1.__new__(nnUNetTrainerDSMStage1)   # only the hook under test, no data
+    trainer.configuration_manager = SimpleNamespace(patch_size=patch)
+    trainer.plans_manager = SimpleNamespace(transpose_forward=transpose)
+    trainer.print_to_log_file = lambda *a, **k: None
+    _, _, _, mirror = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    lateral = left_right_axis(transpose, len(patch))
+    assert lateral not in (mirror or ()) and trainer.inference_allowed_mirroring_axes == mirror
+    assert len(mirror) == len(patch) - 1                 # the other axes are still mirrored
