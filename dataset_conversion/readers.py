@@ -17,7 +17,7 @@ READ_FIX = ("The file is corrupt or truncated (an interrupted download or unpack
             "original archive and re-run; finished cases are not redone.")
 
 
-def check_nifti_complete(path: Path) -> None:
+def check_nifti_complete(path: Path, fix: str = READ_FIX) -> None:
     """Raise :class:`CaseError` if a NIfTI file is truncated or its gzip stream is corrupt.
 
     SimpleITK reads a truncated ``.nii.gz`` without complaint (the missing part comes back as zeros), so the data
@@ -36,10 +36,10 @@ def check_nifti_complete(path: Path) -> None:
         hdr = img.header    # dataobj.offset: where the data really start (ITK writes vox_offset 0, data at 352)
         expected = int(img.dataobj.offset) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
     except Exception as e:  # nibabel raises several kinds for a damaged header
-        raise CaseError(f"cannot read the NIfTI header of {path}: {e}. {READ_FIX}") from None
+        raise CaseError(f"cannot read the NIfTI header of {path}: {e}. {fix}") from None
     if not name.endswith(".gz"):
         if path.stat().st_size < expected:
-            raise CaseError(f"{path} is truncated ({path.stat().st_size} of {expected} bytes). {READ_FIX}")
+            raise CaseError(f"{path} is truncated ({path.stat().st_size} of {expected} bytes). {fix}")
         return
     with open(path, "rb") as f:
         f.seek(-4, 2)
@@ -51,9 +51,9 @@ def check_nifti_complete(path: Path) -> None:
             while chunk := f.read(1 << 24):
                 total += len(chunk)
     except (OSError, EOFError, zlib.error) as e:
-        raise CaseError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}). {READ_FIX}") from None
+        raise CaseError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}). {fix}") from None
     if total < expected:
-        raise CaseError(f"{path} is truncated ({total} of {expected} bytes after decompression). {READ_FIX}")
+        raise CaseError(f"{path} is truncated ({total} of {expected} bytes after decompression). {fix}")
 
 
 def read_file(path: Path) -> sitk.Image:
@@ -94,6 +94,21 @@ def check_finite(path: Path, what: str = "label") -> None:
     if mask is not None:
         raise CaseError(f"{path} holds {int(mask.sum())} NaN or infinite values of {mask.size}; a {what} must be "
                         f"finite. Re-export it.")
+
+
+REWRITE_FIX = "Write the file again (re-run the command that made it)."
+
+
+def check_complete_and_finite(path: Path, what: str = "label or score map") -> None:
+    """Raise :class:`CaseError` if a NIfTI file is truncated/corrupt or stores NaN/Inf (for readers outside the
+    converter, e.g. nnUNetv2_dsm_evaluate)."""
+    check_nifti_complete(Path(path), REWRITE_FIX)
+    try:
+        check_finite(Path(path), what)
+    except CaseError:
+        raise
+    except Exception as e:  # nibabel raises several kinds for a file it cannot parse
+        raise CaseError(f"cannot read {path}: {e}. {REWRITE_FIX}") from None
 
 
 def read_label_file(path: Path) -> sitk.Image:

@@ -273,15 +273,12 @@ def test_cli_end_to_end(dataset, monkeypatch, capsys, class_embeddings):
 
 
 def test_cli_errors(dataset, monkeypatch, capsys, tmp_path):
-    with pytest.raises(SystemExit) as e:
-        embed_main(["-d", "998", "--random-weights"])
-    assert e.value.code == 1 and "unknown dataset" in capsys.readouterr().err
+    assert embed_main(["-d", "998", "--random-weights"]) == 2        # exit 2: bad input (cli/errors.py)
+    assert "unknown dataset" in capsys.readouterr().err
     (tmp_path / "nnUNet_raw" / "Dataset997_Raw").mkdir()
-    with pytest.raises(SystemExit):
-        embed_main(["-d", "997", "--random-weights"])
+    assert embed_main(["-d", "997", "--random-weights"]) == 2
     assert "nnUNetv2_plan_and_preprocess -d 997" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        embed_main(["-d", "999"])  # offline, no weights, no cache
+    assert embed_main(["-d", "999"]) == 2  # offline, no weights, no cache
     err = capsys.readouterr().err
     assert "nnUNetv2_dsm_embed_prompts -d 999" in err and "--clip-weights" in err
     assert not (dataset / "dsm_text_embeddings.pt").exists()

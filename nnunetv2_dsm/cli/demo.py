@@ -12,6 +12,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+from nnunetv2_dsm.cli.errors import UserError, cli_entry, writable_dir
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``nnUNetv2_dsm_demo``."""
@@ -36,12 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a failed step, still try the later ones (the report is written either way)")
     p.add_argument("-device", "--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="device for training and prediction; auto: cuda if available, else cpu (default)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
 
+@cli_entry("nnUNetv2_dsm_demo")
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point; returns the exit status (0 all steps done, 1 a step failed, 2 bad arguments, 130 interrupted)."""
+    """Entry point; returns the exit status (0 all steps done, 1 a step failed, 2 bad arguments or an unusable
+    --output, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+    writable_dir(args.output, "--output")
     device = args.device
     if device == "auto":
         import torch
@@ -52,8 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     device=device)
         return demo.run()
     except FileNotFoundError as e:
-        print(f"nnUNetv2_dsm_demo: error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":

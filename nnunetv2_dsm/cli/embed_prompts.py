@@ -8,12 +8,23 @@ prompts). Once written, neither training nor prediction with those prompts needs
 import argparse
 import sys
 
+from nnunetv2_dsm.cli.errors import cli_entry
 
-def main(argv=None) -> None:
-    """Parse the arguments, write the caches and print a short summary; exits with status 1 and a message on error."""
+PROG = "nnUNetv2_dsm_embed_prompts"
+
+
+def _input_errors() -> tuple:
+    from nnunetv2_dsm.text import TextEmbeddingError
+    return TextEmbeddingError, ValueError
+
+
+@cli_entry(PROG, user_errors=_input_errors)
+def main(argv=None) -> int:
+    """Parse the arguments, write the caches and print a short summary; bad input returns 2 with one line naming the
+    file and the fix (:mod:`nnunetv2_dsm.cli.errors`)."""
     from nnunetv2_dsm.text import DEFAULT_MODEL, DEFAULT_SEED, PROMPT_TEMPLATE, WEIGHTS_ENV
     parser = argparse.ArgumentParser(
-        prog="nnUNetv2_dsm_embed_prompts",
+        prog=PROG,
         description=f"Embed the 45 DSM class prompts ('{PROMPT_TEMPLATE.format('<class>')}') with the CLIP text "
                     f"tower and cache them in the dataset's preprocessed folder. Weights: --random-weights, else "
                     f"--clip-weights, else ${WEIGHTS_ENV}, else OpenAI's weights from the hub (needs internet once).")
@@ -31,6 +42,7 @@ def main(argv=None) -> None:
                         help="open-vocabulary prompts to pre-compute for prediction (e.g. 'hepatic cyst'); the "
                              "class template is applied unless the text already starts with it")
     parser.add_argument("--force", action="store_true", help="recompute even if the caches are up to date")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     args = parser.parse_args(argv)
 
     from nnunetv2_dsm.text import TextEmbeddingError, build_dataset_cache, dataset_folder
@@ -40,10 +52,7 @@ def main(argv=None) -> None:
                                         random_weights=args.random_weights, seed=args.seed,
                                         extra_prompts=args.extra_prompts, force=args.force)
     except TextEmbeddingError as e:
-        msg = str(e).replace("-d ID`", f"-d {args.dataset}`")
-        parser.exit(1, f"{parser.prog}: error: {msg}\n")
-    except (ValueError, OSError) as e:
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
+        raise TextEmbeddingError(str(e).replace("-d ID`", f"-d {args.dataset}`")) from None
     weights = info["weights"] + (f" ({info['weights_size']} bytes)" if info.get("weights_size") else "")
     print(f"DSM text embeddings for {folder.name}\n"
           f"  model:   {info['model']}\n"
@@ -54,7 +63,8 @@ def main(argv=None) -> None:
         print(f"  prompts: {len(args.extra_prompts)} extra prompt(s) cached in {info['prompt_cache']}")
     if "warning" in info:
         print(f"  WARNING: {info['warning']}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -67,14 +67,15 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
-def cli_entry(prog: str, user_errors: Sequence[type] = ()) -> Callable:
+def cli_entry(prog: str, user_errors=()) -> Callable:
     """Decorator for a command's ``main(argv=None)``: maps :class:`UserError` (and ``user_errors``, e.g. a module's
-    own exception classes) to exit 2 with one line, KeyboardInterrupt to 130; returns main's int (or 0)."""
-    caught = (UserError, *user_errors)
+    own exception classes, or a function returning them so heavy modules are imported only when the command runs)
+    and ``OSError`` to exit 2 with one line, KeyboardInterrupt to 130; returns main's int (or 0)."""
 
     def wrap(main: Callable) -> Callable:
         @functools.wraps(main)
         def run(argv: Optional[Sequence[str]] = None) -> int:
+            caught = (UserError, *(user_errors() if callable(user_errors) else user_errors))
             try:
                 code = main(argv)
                 return 0 if code is None else int(code)

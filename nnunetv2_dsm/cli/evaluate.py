@@ -1,13 +1,17 @@
 """``nnUNetv2_dsm_evaluate``: DSC per case and class, voxel-level AUROC / FPR95 per tumour class.
 
 Writes ``summary.json`` and ``metrics.csv`` (long format) to ``-o`` (default: the prediction folder) and prints a
-per-class table. Definitions and edge-case values: docs/evaluation.md.
+per-class table. Definitions and edge-case values: docs/evaluation.md. Bad input (a missing, truncated or NaN file,
+a geometry mismatch, an unwritable -o) exits 2 with one line naming the file (:mod:`nnunetv2_dsm.cli.errors`).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional
+
+from nnunetv2_dsm.cli.errors import cli_entry, writable_dir
 
 PROG = "nnUNetv2_dsm_evaluate"
 
@@ -52,26 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=int, default=2, metavar="N",
                    help="worker processes (one case each; a 512x512x300 case needs ~1-2 GB)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the summary table")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
 
+def _input_errors() -> tuple:
+    from nnunetv2_dsm.evaluation.evaluate import EvaluationError
+    from nnunetv2_dsm.labels import UnknownClassError
+    from nnunetv2_dsm.manifest import ManifestError
+    return EvaluationError, ManifestError, UnknownClassError
+
+
+@cli_entry(PROG, user_errors=_input_errors)
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns 0; input errors exit with status 1."""
+    """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns 0; bad input returns 2 with one line."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.num_processes < 1:
         parser.error("-np must be >= 1")
-    from nnunetv2_dsm.evaluation.evaluate import EvaluationError, evaluate_folder, format_table
-    from nnunetv2_dsm.labels import UnknownClassError
-    from nnunetv2_dsm.manifest import ManifestError
-    try:
-        summary = evaluate_folder(args.ref, args.pred, anomaly_dir=args.anomaly_maps, dataset_json=args.dataset_json,
-                                  region=args.region, classes=args.classes, scores=args.scores,
-                                  dsc_from=args.dsc_from, skip_missing=args.skip_missing,
-                                  num_processes=args.num_processes, output_dir=args.output,
-                                  tolerance=args.tolerance)
-    except (EvaluationError, ManifestError, UnknownClassError) as e:
-        parser.exit(1, f"{PROG}: error: {e}\n")
+    from nnunetv2_dsm.evaluation.evaluate import evaluate_folder, format_table
+    if args.output or Path(args.pred).is_dir():          # fail before the work, not when writing the results
+        writable_dir(args.output or args.pred, "-o")
+    summary = evaluate_folder(args.ref, args.pred, anomaly_dir=args.anomaly_maps, dataset_json=args.dataset_json,
+                              region=args.region, classes=args.classes, scores=args.scores,
+                              dsc_from=args.dsc_from, skip_missing=args.skip_missing,
+                              num_processes=args.num_processes, output_dir=args.output, tolerance=args.tolerance)
     if not args.quiet:
         out = args.output or args.pred
         print(format_table(summary))

@@ -1,8 +1,14 @@
 """``nnUNetv2_dsm_train``: nnU-Net's own ``nnUNetv2_train`` with ``nnUNet_extTrainer`` set to the DSM trainers.
 
-Every flag is nnU-Net's. An ``nnUNet_extTrainer`` the user already exported is kept; the DSM folder is appended.
+Every flag is nnU-Net's, plus ``--debug`` (show the traceback of an error). An ``nnUNet_extTrainer`` the user already
+exported is kept; the DSM folder is appended. The DSM error contract (:mod:`nnunetv2_dsm.cli.errors`) applies to
+what DSM adds: a missing, truncated or unsafe Stage 1 checkpoint and missing CLIP prompt embeddings exit 2 with one
+line naming the file and the command that creates it; Ctrl-C exits 130.
 """
 import os
+import sys
+
+from nnunetv2_dsm.cli.errors import cli_entry
 
 
 def ensure_ext_trainer_env() -> None:
@@ -12,11 +18,27 @@ def ensure_ext_trainer_env() -> None:
         os.environ["nnUNet_extTrainer"] = os.pathsep.join(current + [EXT_TRAINER_DIR])
 
 
-def main() -> None:
-    ensure_ext_trainer_env()
-    from nnunetv2.run.run_training import run_training_entry
-    run_training_entry()
+def _dsm_errors() -> tuple:
+    """The DSM exceptions that are bad input (imported lazily: they pull torch in)."""
+    from nnunetv2_dsm.text import TextEmbeddingError
+    from nnunetv2_dsm.training.stage2 import Stage1CheckpointError
+    return Stage1CheckpointError, TextEmbeddingError
+
+
+def main(argv=None) -> int:
+    """Run nnU-Net's training entry point (it reads ``sys.argv``; ``argv`` replaces ``sys.argv[1:]`` if given)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    sys.argv = [sys.argv[0]] + [a for a in args if a != "--debug"]
+
+    @cli_entry("nnUNetv2_dsm_train", user_errors=_dsm_errors)
+    def run(_argv=None) -> int:
+        ensure_ext_trainer_env()
+        from nnunetv2.run.run_training import run_training_entry
+        run_training_entry()
+        return 0
+    return run(["--debug"] if debug else [])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

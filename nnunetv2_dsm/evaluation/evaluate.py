@@ -71,6 +71,13 @@ class CaseJob:
 # ----------------------------------------------------------------------------------------------------------- io
 def _read_image(path: str):
     import SimpleITK as sitk
+
+    from nnunetv2_dsm.dataset_conversion.readers import check_complete_and_finite
+    from nnunetv2_dsm.dataset_conversion.spec import ConversionError
+    try:  # SimpleITK zero-fills a truncated file and reads NaN/Inf as 0: both would be scored silently
+        check_complete_and_finite(Path(path))
+    except ConversionError as e:
+        raise EvaluationError(str(e)) from None
     try:
         img = sitk.ReadImage(str(path))
     except Exception as e:  # SimpleITK raises RuntimeError with a long ITK trace

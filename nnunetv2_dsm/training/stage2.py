@@ -72,7 +72,8 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
                 f"{self.plans_manager.dataset_name} {self.configuration_name} {self.fold} -tr "
                 f"{self.stage1_trainer_name} -p {self.plans_manager.plans_name}) or point "
                 f"{STAGE1_CHECKPOINT_ENV} at a Stage 1 checkpoint_final.pth.")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        from nnunetv2_dsm.checkpoint import load_checkpoint   # weights_only=True: a crafted file runs no code
+        checkpoint = load_checkpoint(path, "Stage 1 checkpoint")
         if checkpoint.get("trainer_name", "").find("DSMStage1") < 0:
             self.print_to_log_file(f"WARNING: {path} was written by {checkpoint.get('trainer_name')}, "
                                    f"not a DSM Stage 1 trainer")
