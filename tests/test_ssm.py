@@ -1,6 +1,6 @@
 """Tests of nnunetv2_dsm.network.ssm: the pure-PyTorch selective scan against a float64 sequential reference,
-the Mamba block against a direct sequential implementation, mamba_ssm v1 parameter compatibility, gradients,
-backend selection and the memory bound."""
+the Mamba block against a direct sequential implementation, mamba_ssm v1 parameter compatibility, gradients
+and the memory bound (backend selection: test_ssm_backend.py)."""
 import math
 import subprocess
 import sys
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunetv2_dsm.network import ssm
-from nnunetv2_dsm.network.ssm import Mamba, scan_backend, selective_scan, selective_scan_reference
+from nnunetv2_dsm.network.ssm import Mamba, selective_scan, selective_scan_reference
 
 
 def _scan_inputs(b, d, n, L, dtype=torch.float64, seed=0):
@@ -168,58 +168,7 @@ def test_every_parameter_gets_gradient(monkeypatch):
     assert x.grad.abs().sum() > 0
 
 
-# --------------------------------------------------------------------------------------------- backends
-@pytest.fixture
-def fresh_loader():
-    loader = ssm._mamba_selective_scan_fn
-    loader.cache_clear()
-    yield
-    loader.cache_clear()
-
-
-def test_backend_selection(monkeypatch, fresh_loader):
-    x = torch.zeros(1)
-    assert scan_backend(x) == "torch" and scan_backend(torch.device("cpu")) == "torch"
-    assert ssm._mamba_selective_scan_fn() is None  # mamba_ssm is not installed here
-    assert scan_backend(torch.device("cuda")) == "torch"  # CUDA without mamba_ssm falls back
-    monkeypatch.setattr(ssm, "_mamba_selective_scan_fn", lambda: selective_scan_reference)
-    assert scan_backend(torch.device("cuda")) == "mamba_ssm"
-    assert scan_backend(x) == "torch"
-    monkeypatch.setenv(ssm.BACKEND_ENV, "torch")
-    assert scan_backend(torch.device("cuda")) == "torch"
-
-
-@pytest.mark.parametrize("error", ["OSError('libcudart.so: cannot open')", "AttributeError('half built')",
-                                   "ImportError('selective_scan_cuda')"])
-def test_broken_mamba_ssm_falls_back(tmp_path, monkeypatch, fresh_loader, error):
-    pkg = tmp_path / "mamba_ssm"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text(f"raise {error}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for k in [k for k in sys.modules if k.startswith("mamba_ssm")]:
-        monkeypatch.delitem(sys.modules, k)
-    assert ssm._mamba_selective_scan_fn() is None
-    assert scan_backend(torch.device("cuda")) == "torch"
-
-
-def test_mamba_dispatches_to_mamba_ssm(monkeypatch):
-    """With the mamba_ssm backend selected, Mamba.forward calls selective_scan_fn with mamba_ssm's
-    arguments (here a stand-in that runs the reference) and gives the same result as the torch path."""
-    calls = []
-
-    def fake_selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                               return_last_state=False):
-        calls.append((u.shape, delta.shape, A.shape, B.shape, C.shape, D.dtype, delta_softplus))
-        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-
-    torch.manual_seed(0)
-    m = Mamba(12)
-    x = torch.randn(2, 10, 12)
-    expected = m(x)
-    monkeypatch.setattr(ssm, "scan_backend", lambda t: "mamba_ssm")
-    monkeypatch.setattr(ssm, "_mamba_selective_scan_fn", lambda: fake_selective_scan_fn)
-    torch.testing.assert_close(m(x), expected, atol=1e-5, rtol=1e-5)
-    assert calls == [((2, 24, 10), (2, 24, 10), (24, 16), (2, 16, 10), (2, 16, 10), torch.float32, True)]
+# Backend selection (mamba-ssm kernels or this scan): tests/test_ssm_backend.py
 
 
 # ----------------------------------------------------------------------------------------------- memory

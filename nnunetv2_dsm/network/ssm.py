@@ -1,9 +1,11 @@
 """Mamba v1 block (selective state-space model) with a memory-bounded pure-PyTorch selective scan.
 
 ``Mamba`` has exactly the parameter names, shapes and initialisation of ``mamba_ssm.Mamba`` v1
-(``modules/mamba_simple.py``), so state dicts move between the two. The scan step runs on
-``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` when the input is on CUDA and mamba_ssm
-imports; otherwise on :func:`selective_scan`, written here for CPU and GPU without compiled kernels:
+(``modules/mamba_simple.py``), so state dicts move between the two. The scan step runs through
+:func:`nnunetv2_dsm.network.ssm_backend.run_scan`: on mamba-ssm's CUDA kernels when they import, pass a first
+check and run, else (one warning line naming the reason) on :func:`selective_scan`, written here for CPU and
+GPU without compiled kernels; ``$nnUNet_dsm_ssm_backend`` forces one (see ssm_backend).
+The pure-PyTorch scan:
 
 * one custom autograd function runs the sequence in segments of ``segment_len`` steps (about
   ``SEGMENT_ELEMENTS`` state elements b·d·n·segment_len each), carrying the (b, d, n) state across. It keeps
@@ -22,9 +24,7 @@ mamba_ssm is never imported at module import time (it hard-imports compiled CUDA
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 from typing import Optional
 
 import torch
@@ -32,34 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from nnunetv2_dsm.network.ssm_backend import BACKEND_ENV, backend_description, run_scan, scan_backend  # noqa: F401
+
 CHUNK = 16                     # steps per chunk of the vectorised in-segment scan (CPU)
 SEGMENT_ELEMENTS = 2 ** 20     # state elements (b·d·n·steps) per segment on CPU: 4 MB buffers, cache-sized
 CUDA_CHUNK = 64                # on CUDA (no mamba_ssm): fewer, larger kernels
 CUDA_SEGMENT_ELEMENTS = 2 ** 25
-BACKEND_ENV = "NNUNETV2_DSM_SSM_BACKEND"  # set to "torch" to force the pure-PyTorch scan on CUDA too
-
-
-# ----------------------------------------------------------------------------------------------- backends
-@functools.lru_cache(maxsize=None)
-def _mamba_selective_scan_fn():
-    """mamba_ssm's ``selective_scan_fn``, or None when mamba_ssm (or its compiled CUDA part) cannot be
-    imported. Imported lazily on first use and cached."""
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except (ImportError, AttributeError, OSError):
-        return None
-    return selective_scan_fn
-
-
-def scan_backend(x) -> str:
-    """Backend used for a tensor (or torch.device) ``x``: "mamba_ssm" for CUDA tensors when mamba_ssm
-    imports (and $NNUNETV2_DSM_SSM_BACKEND is not "torch"), else "torch"."""
-    device = x if isinstance(x, torch.device) else x.device
-    if device.type != "cuda" or os.environ.get(BACKEND_ENV, "").lower() == "torch":
-        return "torch"
-    return "mamba_ssm" if _mamba_selective_scan_fn() is not None else "torch"
-
-
 # ------------------------------------------------------------------------------------- linear recurrence
 # Internal layout is (b, L, *S): batch, time, state; the time axis is dim 1. Per-step slices [:, t] (and
 # [:, :, t] of the chunked view (b, chunks, chunk, *S)) have a contiguous inner block of size prod(S).
@@ -347,9 +325,5 @@ class Mamba(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)           # (B, E, L); bias added in the scan
         Bm, Cm = Bm.transpose(1, 2), Cm.transpose(1, 2)                  # (B, N, L)
         A = -torch.exp(_fp32(self.A_log))                                # (E, N)
-        kwargs = dict(z=z, delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True)
-        if scan_backend(hidden_states) == "mamba_ssm":
-            y = _mamba_selective_scan_fn()(x, dt, A, Bm.contiguous(), Cm.contiguous(), _fp32(self.D), **kwargs)
-        else:
-            y = selective_scan(x, dt, A, Bm, Cm, self.D, **kwargs)
+        y = run_scan(x, dt, A, Bm, Cm, self.D, z, _fp32(self.dt_proj.bias))
         return self.out_proj(y.transpose(1, 2))
