@@ -7,7 +7,9 @@ identical to nnU-Net's (``sigmoid > 0.5`` ⇔ ``logit > 0``, regions written in 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,10 +37,38 @@ def resampled_channels(logits, properties: dict, plans_manager, configuration_ma
 
 
 def to_original_grid(array: np.ndarray, properties: dict, plans_manager, fill=0) -> np.ndarray:
-    """A cropped-grid array (*S_cropped) → the original image grid: undo nnU-Net's crop and axis transposition."""
+    """A cropped-grid array (*S_cropped) → the grid the predictor was given (the LPS copy of the input, see
+    ``inference.inputs``): undo nnU-Net's crop and axis transposition."""
     full = np.full(properties["shape_before_cropping"], fill, dtype=array.dtype)
     full = insert_crop_into_image(full, array, properties["bbox_used_for_cropping"])
     return full.transpose(plans_manager.transpose_backward)
+
+
+def to_input_grid(array: np.ndarray, properties: dict) -> np.ndarray:
+    """(..., *LPS grid) → (..., *the input file's own grid): undo ``inputs.load_case``'s reorientation (if any)."""
+    r = properties.get("dsm_reorientation")
+    return array if r is None or r.identity else r.to_input(array)
+
+
+@contextlib.contextmanager
+def atomic_target(path: str):
+    """Yield a temporary path with ``path``'s ending (writers pick the format from it) in the same folder; it
+    replaces ``path`` when the block ends without error, and is removed otherwise."""
+    name = os.path.basename(path)
+    ending = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+    tmp = os.path.join(os.path.dirname(path), f".{name[: len(name) - len(ending)]}.{os.getpid()}.partial{ending}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """``dataset_conversion.writer.atomic_write_text`` in the file's own folder."""
+    from nnunetv2_dsm.dataset_conversion.writer import atomic_write_text as write
+    write(Path(path), text, Path(path).parent)
 
 
 def label_map(logits, properties: dict, plans_manager, configuration_manager, regions_class_order) -> np.ndarray:
@@ -53,26 +83,23 @@ def label_map(logits, properties: dict, plans_manager, configuration_manager, re
 def write_float_image(array: np.ndarray, path: str, properties: dict, reader_writer) -> None:
     """Write a float32 map with the input image's geometry (SimpleITKIO and NibabelIO datasets), atomically."""
     name = type(reader_writer).__name__
-    tmp = path[: -len(".nii.gz")] + ".partial.nii.gz" if path.endswith(".nii.gz") else path + ".partial"
-    if name == "SimpleITKIO" and "sitk_stuff" in properties:
-        import SimpleITK as sitk
-        geo = properties["sitk_stuff"]
-        img = sitk.GetImageFromArray(array[0] if len(geo["spacing"]) == 2 else array)
-        img.SetSpacing(geo["spacing"]), img.SetOrigin(geo["origin"]), img.SetDirection(geo["direction"])
-        sitk.WriteImage(img, tmp, True)
-    elif name == "NibabelIO" and "nibabel_stuff" in properties:
-        import nibabel
-        nibabel.save(nibabel.Nifti1Image(array.transpose((2, 1, 0)), properties["nibabel_stuff"]["original_affine"]),
-                     tmp)
-    else:
-        raise NotImplementedError(f"float maps can only be written for datasets read with SimpleITKIO or NibabelIO "
-                                  f"(this one uses {name}); the label map and binary masks work with any reader")
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        if name == "SimpleITKIO" and "sitk_stuff" in properties:
+            import SimpleITK as sitk
+            geo = properties["sitk_stuff"]
+            img = sitk.GetImageFromArray(array[0] if len(geo["spacing"]) == 2 else array)
+            img.SetSpacing(geo["spacing"]), img.SetOrigin(geo["origin"]), img.SetDirection(geo["direction"])
+            sitk.WriteImage(img, tmp, True)
+        elif name == "NibabelIO" and "nibabel_stuff" in properties:
+            import nibabel
+            nibabel.save(nibabel.Nifti1Image(array.transpose((2, 1, 0)),
+                                             properties["nibabel_stuff"]["original_affine"]), tmp)
+        else:
+            raise NotImplementedError(f"float maps can only be written for datasets read with SimpleITKIO or "
+                                      f"NibabelIO (this one uses {name}); label maps and masks work with any reader")
 
 
 def write_seg(array: np.ndarray, path: str, properties: dict, reader_writer) -> None:
     """The dataset's own segmentation writer, atomically (temp file + rename)."""
-    ending = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
-    tmp = path[: -len(ending)] + ".partial" + ending
-    reader_writer.write_seg(array, tmp, properties)
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        reader_writer.write_seg(array, tmp, properties)

@@ -1,15 +1,21 @@
-"""DSM prediction: nnU-Net's predictor plus free-text prompts, anomaly maps and per-class masks.
+"""DSM prediction: nnU-Net's predictor plus free-text prompts, anomaly maps and self-describing outputs.
 
-nnU-Net's ``nnUNetPredictor`` loads the model folder (trainer found through ``nnUNet_extTrainer``), preprocesses
-the inputs as in training and runs the sliding window with Gaussian weighting, mirroring and fold averaging. The
-DSM network computes the extra channels in the same pass (``inference.open_vocabulary``); the results are
-exported channel by channel (``inference.export``):
+Inputs (``inference.inputs``): an image file of any name, a folder of them (nnU-Net's ``<case>_0000`` naming works),
+a DICOM series folder or a folder of series; each is reoriented to LPS (the training orientation) and every output
+is written back on the input's own grid. nnU-Net's ``nnUNetPredictor`` loads the model folder (trainer found
+through ``nnUNet_extTrainer``), preprocesses as in training and runs the sliding window with Gaussian weighting,
+mirroring and fold averaging. The DSM network computes the extra channels in the same pass
+(``inference.open_vocabulary``); the results are exported channel by channel (``inference.export``):
 
-    OUT/<case>.nii.gz                        label map (nnU-Net regions merged: identical to nnUNetv2_predict)
+    OUT/<case>.nii.gz                        label map (composite codes: identical to nnUNetv2_predict's)
+    OUT/label_table.json, label_table_itksnap.txt   what each code means (classes, colour)
     OUT/<case>.npz, <case>.pkl               45 probabilities, as nnUNetv2_predict --save_probabilities
     OUT/anomaly_maps/<case>.nii.gz           Eq. 14 anomaly map, float32 (higher = more anomalous)
     OUT/prompts/<prompt_slug>/<case>.nii.gz  binary mask per free-text prompt
-    OUT/masks/<case>/<class_slug>.nii.gz     one binary mask per class (TotalSegmentator style)
+    OUT/masks/<case>/<class>.nii.gz          one binary mask per class (TotalSegmentator style names)
+    OUT/statistics/<case>.json               per class: volume (ml), voxels, mean/std intensity (HU)
+    OUT/preview/<case>.png                   axial/coronal/sagittal overlay
+    OUT/<case>.dcm                           DICOM-SEG instead of the label map (--output_type dicom_seg)
     OUT/dsm_prompts.json                     per case and prompt: the query that answered, its similarity
 """
 from __future__ import annotations
@@ -17,20 +23,30 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from itertools import islice
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-from nnunetv2_dsm.inference.export import label_map, resampled_channels, to_original_grid, write_float_image, write_seg
+from nnunetv2_dsm.cli.errors import UserError
+from nnunetv2_dsm.inference.export import (atomic_target, atomic_write_text, label_map, resampled_channels,
+                                           to_input_grid, to_original_grid, write_float_image, write_seg)
+from nnunetv2_dsm.inference.inputs import InputCase, find_cases, load_case, select_part
 from nnunetv2_dsm.inference.open_vocabulary import OpenVocabularyOutputs
-from nnunetv2_dsm.labels import CLASS_NAMES, LABEL_DTYPE, NUM_CLASSES
+from nnunetv2_dsm.inference.outputs import (CLEAN_NAMES, PREVIEW_FOLDER, STATISTICS_FOLDER, class_statistics,
+                                            write_label_tables, write_preview)
+from nnunetv2_dsm.labels import LABEL_DTYPE, NUM_CLASSES
 
 TEXT_INFO_FILE = "dsm_text.json"  # written by the Stage 2 trainer next to plans.json
+OUTPUT_TYPES = ("nifti", "dicom_seg")
 
 
-class PredictionError(RuntimeError):
+class PredictionError(UserError):
     """Bad input for nnUNetv2_dsm_predict; the message names the file or folder and the fix."""
 
 
@@ -51,6 +67,15 @@ class PredictOptions:
     continue_prediction: bool = False
     clip_weights: Optional[str] = None
     random_weights: bool = False
+    statistics: bool = False
+    preview: bool = False
+    roi_subset: Optional[List[int]] = None   # 0-based class indices: masks and statistics of these only
+    output_type: str = "nifti"
+    num_processes_export: int = 1            # nnU-Net's -nps: cases exported in parallel with prediction
+    num_parts: int = 1
+    part_id: int = 0
+    disable_progress_bar: bool = False
+    file_ending: str = ".nii.gz"
     prompt_slugs: List[str] = field(default_factory=list)
 
 
@@ -80,36 +105,6 @@ def check_model_folder(model_folder: str, folds, checkpoint_name: str) -> None:
                                   f"checkpoint_best.pth/checkpoint_latest.pth), or pick other folds with -f")
 
 
-def input_lists(input_folder: str, file_ending: str, n_channels: int) -> List[List[str]]:
-    """Cases of an nnU-Net input folder (``<case>_XXXX<ending>``), checked: every channel present and readable."""
-    if not os.path.isdir(input_folder):
-        raise PredictionError(f"input folder {input_folder} does not exist")
-    cases: Dict[str, List[str]] = {}
-    for f in sorted(os.listdir(input_folder)):
-        if f.startswith(".") or not f.endswith(file_ending):
-            continue
-        m = re.fullmatch(r"(.+)_(\d{4})" + re.escape(file_ending), f)
-        if not m:
-            raise PredictionError(f"{os.path.join(input_folder, f)}: input files must be named "
-                                  f"<case>_0000{file_ending} (one file per channel, nnU-Net's convention)")
-        cases.setdefault(m.group(1), []).append(f)
-    if not cases:
-        raise PredictionError(f"no {file_ending} images in {input_folder}")
-    from nnunetv2_dsm.dataset_conversion.readers import check_nifti_complete
-    expected = [f"_{c:04d}{file_ending}" for c in range(n_channels)]
-    for case, files in cases.items():
-        found = [f[len(case):] for f in files]
-        if found != expected:
-            raise PredictionError(f"case {case} in {input_folder} has channel files {found}; the model expects "
-                                  f"{n_channels} channel(s): {expected}")
-        for f in files:
-            try:
-                check_nifti_complete(__import__("pathlib").Path(input_folder, f))
-            except Exception as e:
-                raise PredictionError(f"cannot read {os.path.join(input_folder, f)}: {e}") from None
-    return [[os.path.join(input_folder, f) for f in files] for files in cases.values()]
-
-
 def prompt_embeddings(prompts: Sequence[str], model_folder: str, opts: PredictOptions) -> torch.Tensor:
     """CLIP embeddings of the prompts with the text model the checkpoint was trained with (cached per prompt)."""
     from nnunetv2_dsm.text import DEFAULT_MODEL, embed_prompts
@@ -120,82 +115,121 @@ def prompt_embeddings(prompts: Sequence[str], model_folder: str, opts: PredictOp
         print(f"WARNING: this model was trained with UNTRAINED (random) CLIP text embeddings ({info.get('weights')}): "
               f"free-text prompts are matched to queries by random vectors, not by meaning.")
     return embed_prompts(list(prompts), model_name=info.get("model", DEFAULT_MODEL), clip_weights=weights,
-                         random_weights=opts.random_weights,
-                         cache_file=[os.path.join(model_folder, "dsm_prompt_embeddings.pt")])
+                         random_weights=opts.random_weights, cache_file=prompt_cache_files(model_folder))
+
+
+def prompt_cache_files(model_folder: str) -> List[str]:
+    """Where cached prompt embeddings are looked up: the model folder's cache (new prompts go there) and the one
+    ``nnUNetv2_dsm_embed_prompts -d ... --extra-prompts`` fills in ``$nnUNet_preprocessed/<dataset>`` (if set)."""
+    from nnunetv2_dsm.text import PROMPT_CACHE_NAME
+    files = [os.path.join(model_folder, PROMPT_CACHE_NAME)]
+    pre = os.environ.get("nnUNet_preprocessed")
+    plans_file = os.path.join(model_folder, "plans.json")
+    if pre and os.path.isfile(plans_file):
+        with open(plans_file) as f:
+            files.append(os.path.join(pre, json.load(f)["dataset_name"], PROMPT_CACHE_NAME))
+    return files
 
 
 def _outputs_done(out: str, case: str, ending: str, opts: PredictOptions) -> bool:
-    files = [os.path.join(out, case + ending)]
+    files = [os.path.join(out, case + (".dcm" if opts.output_type == "dicom_seg" else ending))]
+    files += [os.path.join(out, STATISTICS_FOLDER, case + ".json")] if opts.statistics else []
+    files += [os.path.join(out, PREVIEW_FOLDER, case + ".png")] if opts.preview else []
     files += [os.path.join(out, case + ".npz")] if opts.save_probabilities else []
     files += [os.path.join(out, "anomaly_maps", case + ".nii.gz")] if opts.save_anomaly_maps else []
     files += [os.path.join(out, "prompts", s, case + ending) for s in opts.prompt_slugs]
     return all(os.path.isfile(f) for f in files)
 
 
-def export_case(logits: torch.Tensor, properties: dict, predictor, out: str, case: str, opts: PredictOptions) -> Dict:
-    """Write every requested output of one case; returns per-prompt voxel counts."""
-    pm, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
-    rw, ending = pm.image_reader_writer_class(), dj["file_ending"]
+def _write_mask(mask_lps: np.ndarray, path: str, properties: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_seg(to_input_grid(mask_lps, properties), path, properties, SimpleITKIO())
+
+
+def _class_channels(opts: PredictOptions) -> List[int]:
+    """The class channels export has to resample: all 45 for probabilities, the selected ones for masks."""
+    if opts.save_probabilities:
+        return list(range(NUM_CLASSES))
+    return list(opts.roi_subset or range(NUM_CLASSES)) if opts.save_class_masks else []
+
+
+def export_case(logits: torch.Tensor, properties: dict, predictor, out: str, case: str, opts: PredictOptions,
+                image_lps: Optional[np.ndarray] = None) -> Dict:
+    """Write every requested output of one case from its logits (45 + P + A, *patch grid) on the input's own grid;
+    ``image_lps`` (z, y, x) is the CT on the LPS grid (statistics, preview, DICOM-SEG). Returns prompt voxel counts."""
+    pm, cm, ending = predictor.plans_manager, predictor.configuration_manager, opts.file_ending
     lm = predictor.label_manager._base if isinstance(predictor.label_manager, _ExtraHeadsLabelManager) \
         else predictor.label_manager
-    write_seg(label_map(logits, properties, pm, cm, lm.regions_class_order).astype(LABEL_DTYPE),
-              os.path.join(out, case + ending), properties, rw)
-    wanted = ([*range(NUM_CLASSES)] if (opts.save_probabilities or opts.save_class_masks) else []) + \
-        list(range(NUM_CLASSES, logits.shape[0]))
-    probabilities = None
-    counts = {}
+    seg = label_map(logits, properties, pm, cm, lm.regions_class_order).astype(LABEL_DTYPE)
+    if opts.output_type == "dicom_seg":
+        from nnunetv2_dsm.inference.dicom_seg import write_dicom_seg
+        write_dicom_seg(to_input_grid(seg, properties), properties["dsm_source"], os.path.join(out, case + ".dcm"),
+                        opts.roi_subset)
+    else:
+        write_seg(to_input_grid(seg, properties), os.path.join(out, case + ending), properties, SimpleITKIO())
+    if opts.statistics and image_lps is not None:
+        stats = class_statistics(seg, image_lps, properties["spacing"], opts.roi_subset)
+        os.makedirs(os.path.join(out, STATISTICS_FOLDER), exist_ok=True)
+        atomic_write_text(os.path.join(out, STATISTICS_FOLDER, case + ".json"), json.dumps(stats, indent=1))
+    if opts.preview and image_lps is not None:
+        os.makedirs(os.path.join(out, PREVIEW_FOLDER), exist_ok=True)
+        write_preview(os.path.join(out, PREVIEW_FOLDER, case + ".png"), image_lps, seg, properties["spacing"])
+    probabilities, counts = None, {}
     threshold_logit = float(np.log(opts.prompt_threshold / (1 - opts.prompt_threshold)))
-    for c, ch in resampled_channels(logits, properties, pm, cm, channels=wanted):
+    masks = set(opts.roi_subset or range(NUM_CLASSES)) if opts.save_class_masks else set()
+    for c, ch in resampled_channels(logits, properties, pm, cm,
+                                    channels=_class_channels(opts) + list(range(NUM_CLASSES, logits.shape[0]))):
         if c < NUM_CLASSES:
-            if opts.save_probabilities:  # nnU-Net's npz layout: (45, *original grid), 0 outside the crop
-                prob = to_original_grid(1 / (1 + np.exp(-ch)), properties, pm)
+            if opts.save_probabilities:  # nnU-Net's npz layout: (45, *input grid), 0 outside the crop
+                prob = to_input_grid(to_original_grid(1 / (1 + np.exp(-ch)), properties, pm), properties)
                 if probabilities is None:
                     probabilities = np.zeros((NUM_CLASSES, *prob.shape), np.float32)
                 probabilities[c] = prob
-            if opts.save_class_masks:
-                os.makedirs(os.path.join(out, "masks", case), exist_ok=True)
-                write_seg(to_original_grid((ch > 0).astype(np.uint8), properties, pm),
-                          os.path.join(out, "masks", case, slug(CLASS_NAMES[c]) + ending), properties, rw)
+            if c in masks:
+                _write_mask(to_original_grid((ch > 0).astype(np.uint8), properties, pm),
+                            os.path.join(out, "masks", case, CLEAN_NAMES[c] + ending), properties)
         elif c < NUM_CLASSES + len(opts.prompts):
             p = c - NUM_CLASSES
             mask = to_original_grid((ch > threshold_logit).astype(np.uint8), properties, pm)
             counts[opts.prompts[p]] = int(mask.sum())
-            os.makedirs(os.path.join(out, "prompts", opts.prompt_slugs[p]), exist_ok=True)
-            write_seg(mask, os.path.join(out, "prompts", opts.prompt_slugs[p], case + ending), properties, rw)
+            _write_mask(mask, os.path.join(out, "prompts", opts.prompt_slugs[p], case + ending), properties)
         else:
             os.makedirs(os.path.join(out, "anomaly_maps"), exist_ok=True)
-            write_float_image(to_original_grid(ch, properties, pm, fill=float(ch.min())),
-                              os.path.join(out, "anomaly_maps", case + ".nii.gz"), properties, rw)
+            write_float_image(to_input_grid(to_original_grid(ch, properties, pm, fill=float(ch.min())), properties),
+                              os.path.join(out, "anomaly_maps", case + ".nii.gz"), properties, SimpleITKIO())
     if probabilities is not None:
         from batchgenerators.utilities.file_and_folder_operations import save_pickle
-        np.savez_compressed(os.path.join(out, case + ".npz"), probabilities=probabilities)
-        save_pickle(properties, os.path.join(out, case + ".pkl"))
+        with atomic_target(os.path.join(out, case + ".npz")) as tmp:
+            np.savez_compressed(tmp, probabilities=probabilities)
+        save_pickle({k: v for k, v in properties.items() if k != "dsm_reorientation"}, os.path.join(out, case + ".pkl"))
     return counts
 
 
-def _save_json_atomic(obj, path: str) -> None:
-    with open(path + ".partial", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".partial", path)
+def check_options(opts: PredictOptions, step_size: float) -> None:
+    """Option values nnU-Net would only trip over later (or silently misuse): UserError naming the flag."""
+    if not 0 < step_size <= 1:
+        raise PredictionError(f"-step_size must lie in (0, 1] (a fraction of the patch size), got {step_size}")
+    if not 0 < opts.prompt_threshold < 1:
+        raise PredictionError(f"--prompt_threshold must lie in (0, 1), got {opts.prompt_threshold}")
+    if opts.output_type not in OUTPUT_TYPES:
+        raise PredictionError(f"--output_type must be one of {', '.join(OUTPUT_TYPES)}, got {opts.output_type!r}")
+    opts.prompt_slugs = [slug(p) for p in opts.prompts]
+    if len(set(opts.prompt_slugs)) != len(opts.prompt_slugs):
+        raise PredictionError(f"prompts {list(opts.prompts)} collide in their file names {opts.prompt_slugs}")
 
 
-def predict(input_folder: str, output_folder: str, model_folder: str, folds, checkpoint_name: str = "checkpoint_final.pth",
-            device: torch.device = torch.device("cpu"), step_size: float = 0.5, use_mirroring: bool = True,
-            opts: PredictOptions = PredictOptions(), num_processes_preprocessing: int = 1, verbose: bool = False) -> Dict:
-    """Predict every case of ``input_folder`` into ``output_folder``; returns the prompt report."""
-    from nnunetv2.inference.data_iterators import preprocessing_iterator_fromfiles
+def load_predictor(model_folder: str, folds, checkpoint_name: str, device: torch.device, step_size: float,
+                   use_mirroring: bool, opts: PredictOptions, verbose: bool = False):
+    """nnU-Net's predictor for a DSM model folder with the extra channels the options ask for installed on the
+    network. Returns (predictor, OpenVocabularyOutputs)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2_dsm.network.dsm import DSMNetwork
     from nnunetv2_dsm.training.trainers import unwrap
 
     check_model_folder(model_folder, folds, checkpoint_name)
-    opts.prompt_slugs = [slug(p) for p in opts.prompts]
-    if len(set(opts.prompt_slugs)) != len(opts.prompt_slugs):
-        raise PredictionError(f"prompts {list(opts.prompts)} collide in their file names {opts.prompt_slugs}")
-    if not 0 < opts.prompt_threshold < 1:
-        raise PredictionError(f"--prompt-threshold must lie in (0, 1), got {opts.prompt_threshold}")
     predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=use_mirroring,
-                                perform_everything_on_device=device.type == "cuda", device=device, verbose=verbose)
+                                perform_everything_on_device=device.type == "cuda", device=device, verbose=verbose,
+                                allow_tqdm=not opts.disable_progress_bar)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name)
     network = unwrap(predictor.network)
     if not isinstance(network, DSMNetwork):
@@ -208,36 +242,85 @@ def predict(input_folder: str, output_folder: str, model_folder: str, folds, che
     if extras.num_channels:
         network.inference_extras = extras
         predictor.label_manager = _ExtraHeadsLabelManager(predictor.label_manager, extras.num_channels)
-    dj = predictor.dataset_json
-    lists = input_lists(input_folder, dj["file_ending"], len(dj["channel_names"]))
-    case_of = lambda files: os.path.basename(files[0])[: -len(dj["file_ending"]) - 5]  # noqa: E731
+    return predictor, extras
+
+
+def preprocessed_cases(cases: Sequence[InputCase], predictor, workers: int = 1
+                       ) -> Iterator[Tuple[InputCase, torch.Tensor, dict, np.ndarray]]:
+    """Yield, in order, (case, data (C, *resampled grid) float32, nnU-Net properties, CT (z, y, x) on the LPS grid):
+    read, checked and reoriented (``inputs.load_case``), then nnU-Net's preprocessing; up to ``workers`` cases are
+    prepared ahead in threads (nnU-Net's -npp)."""
+    pm, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
+    preprocessor = cm.preprocessor_class(verbose=predictor.verbose)
+
+    def prepare(case: InputCase):
+        image, props = load_case(case)
+        data, _, props = preprocessor.run_case_npy(image, None, props, pm, cm, dj)
+        return case, torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), props, image[0]
+
+    workers = max(1, workers)
+    with ThreadPoolExecutor(workers) as pool:
+        remaining = iter(cases)
+        queue = deque(pool.submit(prepare, c) for c in islice(remaining, workers))
+        while queue:
+            result = queue.popleft().result()
+            queue.extend(pool.submit(prepare, c) for c in islice(remaining, 1))
+            yield result
+
+
+def _unique_cases(cases: Sequence[InputCase]) -> None:
+    seen: Dict[str, str] = {}
+    for c in cases:
+        if c.case_id in seen:
+            raise PredictionError(f"{seen[c.case_id]} and {c.source} would both be written as {c.case_id}: rename one")
+        seen[c.case_id] = c.source
+
+
+def _prepare_output(output_folder: str, predictor, opts: PredictOptions) -> None:
     os.makedirs(output_folder, exist_ok=True)
-    for name, obj in (("dataset.json", dj), ("plans.json", predictor.plans_manager.plans)):
-        _save_json_atomic(obj, os.path.join(output_folder, name))
+    for name, obj in (("dataset.json", predictor.dataset_json), ("plans.json", predictor.plans_manager.plans)):
+        atomic_write_text(os.path.join(output_folder, name), json.dumps(obj, indent=1))
+    write_label_tables(output_folder)
+
+
+def predict(input_path: str, output_folder: str, model_folder: str, folds, checkpoint_name: str = "checkpoint_final.pth",
+            device: torch.device = torch.device("cpu"), step_size: float = 0.5, use_mirroring: bool = True,
+            opts: PredictOptions = PredictOptions(), num_processes_preprocessing: int = 1, verbose: bool = False) -> Dict:
+    """Predict every case of ``input_path`` (file, folder, DICOM series; see ``inference.inputs``) into
+    ``output_folder``; returns the prompt report {case: [per prompt: query, similarity, weight, voxels]}."""
+    check_options(opts, step_size)
+    predictor, extras = load_predictor(model_folder, folds, checkpoint_name, device, step_size, use_mirroring, opts,
+                                       verbose)
+    cases = find_cases(input_path, len(predictor.dataset_json["channel_names"]))
+    _unique_cases(cases)
+    cases = select_part(cases, opts.num_parts, opts.part_id)
+    _prepare_output(output_folder, predictor, opts)
     report_file = os.path.join(output_folder, "dsm_prompts.json")
     report = json.load(open(report_file)) if opts.continue_prediction and os.path.isfile(report_file) else {}
-    todo = [f for f in lists if not (opts.continue_prediction and
-                                     _outputs_done(output_folder, case_of(f), dj["file_ending"], opts))]
-    print(f"{len(lists)} cases in {input_folder}, {len(todo)} to predict")
-    if not todo:
-        return report
-    iterator = preprocessing_iterator_fromfiles(
-        todo, None, [os.path.join(output_folder, case_of(f)) for f in todo], predictor.plans_manager, dj,
-        predictor.configuration_manager, max(1, num_processes_preprocessing), device.type == "cuda", verbose)
-    for item in iterator:
-        data = item["data"]
-        if isinstance(data, str):  # nnU-Net's iterator hands big arrays over as temporary .npy files
-            path, data = data, torch.from_numpy(np.load(data))
-            os.remove(path)
-        case = os.path.basename(item["ofile"])
-        print(f"predicting {case}")
-        extras.reset_stats()
-        logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
-        counts = export_case(logits, item["data_properties"], predictor, output_folder, case, opts)
-        if opts.prompts:
-            report[case] = [{**r, "voxels": counts[r["prompt"]]} for r in extras.prompt_report(opts.prompts)]
+    todo = [c for c in cases if not (opts.continue_prediction and
+                                     _outputs_done(output_folder, c.case_id, opts.file_ending, opts))]
+    print(f"{len(cases)} cases in {input_path}, {len(todo)} to predict")
+    pending = deque()
+
+    def finish(case: str, entries, future) -> None:
+        counts = future.result()
+        if entries is not None:
+            report[case] = [{**r, "voxels": counts[r["prompt"]]} for r in entries]
             for r in report[case]:
-                print(f"  prompt {r['prompt']!r}: answered by the {r['query']!r} query (similarity "
+                print(f"  {case}: prompt {r['prompt']!r}: answered by the {r['query']!r} query (similarity "
                       f"{r['similarity']:.3f}, weight {r['weight']:.2f}), {r['voxels']} voxels")
-            _save_json_atomic(report, report_file)
+            atomic_write_text(report_file, json.dumps(report, indent=1))
+
+    with ThreadPoolExecutor(max(1, opts.num_processes_export)) as exporter:
+        for case, data, props, image in preprocessed_cases(todo, predictor, num_processes_preprocessing):
+            print(f"predicting {case.case_id} ({case.source})")
+            extras.reset_stats()
+            logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
+            entries = extras.prompt_report(opts.prompts) if opts.prompts else None
+            pending.append((case.case_id, entries, exporter.submit(export_case, logits, props, predictor,
+                                                                   output_folder, case.case_id, opts, image)))
+            while len(pending) > max(1, opts.num_processes_export) - 1:
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
     return report
