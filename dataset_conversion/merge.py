@@ -235,7 +235,11 @@ def _check_ours(out: Path, record: WrittenRecord, wanted: Dict[Path, Path]) -> N
     only its own files. A file that already is the one to be placed (same inode) is accepted."""
     visible = [p for p in out.iterdir() if not p.name.startswith(".")]
     js = out / "dataset.json"
-    if visible and (not js.is_file() or "dsm_merge" not in read_json_object(js)):
+    if js.is_file():
+        mine = "dsm_merge" in read_json_object(js)
+    else:
+        mine = bool(record.names)                  # an interrupted merge: its record names its files
+    if visible and not mine:
         raise InputError(f"{out} exists and is not a dataset written by {PROG} (no dataset.json with 'dsm_merge'); "
                          f"choose another -d.")
 
