@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -63,6 +64,24 @@ def build_model_folder(results: Path, dataset: str = "Dataset997_DSMPredict", se
                                          "trained_weights": False})):
         (folder / name).write_text(json.dumps(obj, indent=1))
     return folder
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """$nnUNet_results (dataset 997) holding the random-weight model, set in the environment for the module."""
+    root = tmp_path_factory.mktemp("model")
+    build_model_folder(root / "results")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("nnUNet_results", str(root / "results"))
+        mp.setenv("nnUNet_preprocessed", str(root / "preprocessed"))
+        yield root
+
+
+def predict(inp, out, *flags) -> int:
+    """``nnUNetv2_dsm_predict`` (in-process) with the model of :func:`model` on the CPU; returns the exit status."""
+    from nnunetv2_dsm.cli.predict import main
+    return main(["-i", str(inp), "-o", str(out), "-d", "997", "-c", CONFIGURATION, "-tr", TRAINER, "-f", "0",
+                 "-device", "cpu", "--disable_progress_bar", "-npp", "1", "-nps", "2", *map(str, flags)])
 
 
 def phantom_lps(shape=(24, 28, 32), seed: int = 0) -> sitk.Image:

@@ -4,23 +4,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from _predict_helpers import TRAINER, build_model_folder, phantom_lps, reoriented, write_dicom_series
+from _predict_helpers import model, phantom_lps, predict, reoriented, write_dicom_series  # noqa: F401 (fixture)
 from nnunetv2_dsm.cli.predict import main
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    build_model_folder(root / "results")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("nnUNet_results", str(root / "results"))
-        mp.setenv("nnUNet_preprocessed", str(root / "preprocessed"))
-        yield root
-
-
-def predict(inp, out, *flags):
-    return main(["-i", str(inp), "-o", str(out), "-d", "997", "-c", "3d_fullres", "-tr", TRAINER, "-f", "0",
-                 "-device", "cpu", "--disable_progress_bar", "-npp", "1", "-nps", "2", *flags])
 
 
 def same_grid(a: sitk.Image, b: sitk.Image) -> None:
@@ -65,3 +50,31 @@ def test_dicom_series_gives_the_same_result_as_its_nifti(model, tmp_path):
     same_grid(dicom, ct)
     same_grid(nifti, ct)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(dicom), sitk.GetArrayFromImage(nifti))
+
+
+def _fails(capsys, *args) -> str:
+    assert predict(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nnUNetv2_dsm_predict: error: "), err
+    return err[0]
+
+
+def test_bad_input_exits_2_naming_the_file(model, tmp_path, capsys):
+    ct = phantom_lps()
+    write_dicom_series(ct, tmp_path / "two", prefix="A")
+    write_dicom_series(ct, tmp_path / "two", prefix="B")
+    assert "mixes 2 DICOM series" in _fails(capsys, tmp_path / "two", tmp_path / "o")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((28, 32), np.int16)), str(tmp_path / "slice.nii.gz"))
+    assert "slice.nii.gz is a 2D image (32×28) but the model is 3D" in _fails(capsys, tmp_path / "slice.nii.gz",
+                                                                             tmp_path / "o")
+    assert "-step_size must lie in (0, 1]" in _fails(capsys, tmp_path / "slice.nii.gz", tmp_path / "o",
+                                                     "-step_size", "0")
+
+
+def test_unknown_dataset_and_missing_gpu_are_one_line_errors(model, tmp_path, capsys):
+    args = ["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-c", "3d_fullres", "-f", "0"]
+    assert main([*args, "-d", "996", "-device", "cpu"]) == 2
+    assert "-d 996: unknown dataset" in capsys.readouterr().err
+    if not __import__("torch").cuda.is_available():
+        assert main([*args, "-d", "997", "-device", "cuda"]) == 2
+        assert "no CUDA GPU is visible" in capsys.readouterr().err
