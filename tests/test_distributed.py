@@ -1,5 +1,7 @@
 """Data-parallel training on CPU: 2 gloo processes stand in for nnU-Net's `-num_gpus 2` (same DDP settings:
-find_unused_parameters=False, broadcast_buffers=True, the batch split over the ranks)."""
+find_unused_parameters=False, broadcast_buffers=True, the batch split over the ranks): the 2-rank gradient is the
+single-process gradient of the whole batch, the ranks stay equal, and the final validation finishes with fewer
+validation cases than ranks. One spawn (~30 s of CPU) serves all of them."""
 from __future__ import annotations
 
 import os
@@ -32,7 +34,7 @@ def _free_port() -> int:
 def _init(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+                            timeout=timedelta(seconds=int(os.environ.get("NNUNETV2_DSM_TEST_GLOO_TIMEOUT", 60))))
 
 
 def _network(stage: int):
@@ -62,8 +64,9 @@ def _loss(net, stage, x, targets, annotated, normalizer=None):
         out, targets, annotated, extras)
 
 
-def _train_step_worker(rank: int, port: int, folder: str) -> None:
-    """One DDP step per stage on this rank's case; saves the synchronised gradients and the updated weights."""
+def _worker(rank: int, port: int, folder: str) -> None:
+    """One DDP step per stage on this rank's case (saves the synchronised gradients and the updated weights),
+    then the final validation of :func:`_final_validation`. One process group for all: spawning costs seconds."""
     _init(rank, port)
     x, targets, annotated = _global_batch()
     mine = slice(rank, rank + 1)
@@ -77,6 +80,7 @@ def _train_step_worker(rank: int, port: int, folder: str) -> None:
         optimizer.step()
         weights = {n: p.detach().clone() for n, p in net.module.named_parameters()}
         torch.save({"grads": grads, "weights": weights}, os.path.join(folder, f"stage{stage}_rank{rank}.pt"))
+    _final_validation(rank, folder)
     dist.destroy_process_group()
 
 
@@ -95,8 +99,14 @@ def _relative_error(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_train_step_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True)
-    return {(s, r): torch.load(folder / f"stage{s}_rank{r}.pt") for s in (1, 2) for r in range(WORLD)}
+    os.environ["NNUNETV2_DSM_TEST_GLOO_TIMEOUT"] = "30"  # a hang shows as a gloo timeout, not a stuck test
+    try:
+        mp.spawn(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True)
+    finally:
+        del os.environ["NNUNETV2_DSM_TEST_GLOO_TIMEOUT"]
+    results = {(s, r): torch.load(folder / f"stage{s}_rank{r}.pt") for s in (1, 2) for r in range(WORLD)}
+    results["validated"] = sorted(p.name for p in folder.iterdir() if p.name.startswith("validated"))
+    return results
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -124,3 +134,43 @@ def test_helpers_outside_a_process_group_are_a_single_process():
     count = torch.tensor(7)
     assert not distributed.is_distributed() and distributed.world_size() == 1 and distributed.is_rank0()
     assert distributed.global_pair_normalizer(count).item() == 7.0
+
+
+def _nnunet_validation_share(self, save_probabilities=False):
+    """What nnU-Net's perform_actual_validation does with the network, without the files: predict this rank's
+    share of the validation cases (``val_keys[rank::world]``, here 1 case for 2 ranks), then a barrier."""
+    self.network.eval()
+    with torch.no_grad():
+        for _ in range(1)[dist.get_rank()::dist.get_world_size()]:
+            self.network(torch.randn(1, 1, PATCH, PATCH, PATCH))
+    dist.barrier()
+
+
+def _final_validation(rank: int, folder: str) -> None:
+    """`nnUNetv2_train … --val` with one validation case and 2 ranks: the DSM trainer's final validation on a
+    freshly wrapped DDP network (as after loading a checkpoint), nnU-Net's prediction loop stood in for."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2_dsm.training.trainers import nnUNetTrainerDSMStage1
+    nnUNetTrainer.perform_actual_validation = _nnunet_validation_share  # in this spawned process only
+    trainer = object.__new__(nnUNetTrainerDSMStage1)
+    trainer.is_ddp, trainer.local_rank, trainer.preprocessed_dataset_folder_base = True, rank, None
+    ddp = DDP(_network(1), find_unused_parameters=False, broadcast_buffers=True)
+    trainer.network = ddp
+    trainer.perform_actual_validation()
+    assert trainer.network is ddp  # the wrapper is back for whatever follows
+    open(os.path.join(folder, f"validated{rank}"), "w").close()
+
+
+def test_final_validation_with_fewer_cases_than_ranks_finishes(ddp_results):
+    assert ddp_results["validated"] == ["validated0", "validated1"]
+
+
+def test_trainers_normalise_by_the_global_batch_under_ddp_only():
+    from types import SimpleNamespace
+    from nnunetv2_dsm.training.stage2 import nnUNetTrainerDSMStage2
+    trainer = object.__new__(nnUNetTrainerDSMStage2)
+    trainer.configuration_manager = SimpleNamespace(pool_op_kernel_sizes=[[1, 1, 1]] + [[2, 2, 2]] * 3)
+    trainer.enable_deep_supervision = True
+    for ddp in (False, True):
+        trainer.is_ddp = ddp
+        assert trainer._build_loss().normalizer is (distributed.global_pair_normalizer if ddp else None)

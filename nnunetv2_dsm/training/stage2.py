@@ -86,6 +86,8 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         embeddings, info = load_class_embeddings(self.preprocessed_dataset_folder_base)
         unwrap(self.network).alignment.set_text_embeddings(embeddings)
         self.print_to_log_file(f"CLIP class-prompt embeddings: {info}")
+        if self.local_rank != 0:  # one writer under DDP
+            return
         # nnUNetv2_dsm_predict embeds free-text prompts with the same text model
         from batchgenerators.utilities.file_and_folder_operations import save_json
         from nnunetv2_dsm.inference.predictor import TEXT_INFO_FILE

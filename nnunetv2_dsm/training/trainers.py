@@ -25,6 +25,8 @@ from nnunetv2_dsm.labels import CLASS_NAMES, NUM_CLASSES, NUM_ORGANS
 from nnunetv2_dsm.manifest import load_manifest
 from nnunetv2_dsm.network.backbone import PlansError, build_unet_features, kmmm_stage_indices, stage_scales
 from nnunetv2_dsm.network.dsm import DSMArchitecture, DSMNetwork
+from nnunetv2_dsm.network.ssm_backend import backend_description
+from nnunetv2_dsm.training.distributed import global_pair_normalizer
 from nnunetv2_dsm.training.loss import DSMLoss, masked_tp_fp_fn
 
 TINY_ARCHITECTURE = DSMArchitecture(dim=64, mask_dim=32, pixel_dim=16, num_heads=4, ffn_dim=128)
@@ -86,7 +88,8 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
         unwrap(self.network).deep_supervision = enabled
 
     def _do_i_compile(self):
-        # torch.compile only on explicit request: the chunked scan's Python control flow recompiles a lot
+        # torch.compile only on explicit request (nnU-Net compiles by default) and on CUDA. The selective scan is
+        # kept out of the graph (ssm_backend.run_scan), so the network compiles once, then runs without recompiling
         return self.device.type == "cuda" and os.environ.get("nnUNet_compile", "").lower() in ("1", "true", "t")
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
@@ -103,7 +106,9 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
     def _build_loss(self):
         n_outputs = 1 + len(kmmm_stage_indices(len(self.configuration_manager.pool_op_kernel_sizes))) \
             if self.enable_deep_supervision else 1
-        return DSMLoss(n_outputs, alignment_weight=1.0 if self.dsm_stage == 2 else 0.0)
+        # DDP averages the ranks' gradients: normalise by the annotated pairs of the global batch (distributed.py)
+        return DSMLoss(n_outputs, alignment_weight=1.0 if self.dsm_stage == 2 else 0.0,
+                       normalizer=global_pair_normalizer if self.is_ddp else None)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -135,6 +140,7 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
 
     def on_train_start(self):
         super().on_train_start()
+        self.print_to_log_file(backend_description(self.device))
         self.set_trained_classes()
 
     def set_trained_classes(self) -> None:
@@ -197,8 +203,18 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's validation (sliding-window prediction of the fold's validation cases, validation/summary.json),
         then the same predictions scored on each case's annotated classes only (validation/dsm/): nnU-Net's own
-        summary counts a predicted class that a partially labelled case does not annotate as a false positive."""
-        super().perform_actual_validation(save_probabilities)
+        summary counts a predicted class that a partially labelled case does not annotate as a false positive.
+        Under DDP the prediction runs on the module inside the DDP wrapper: prediction needs no gradient sync, and
+        DDP's first forward broadcasts the DSM buffers, a collective that a rank without validation case (fewer
+        cases than GPUs) never joins."""
+        ddp = self.network if self.is_ddp else None
+        if ddp is not None:
+            self.network = ddp.module
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            if ddp is not None:
+                self.network = ddp
         if self.local_rank != 0 or self.preprocessed_dataset_folder_base is None:
             return
         from nnunetv2_dsm.evaluation.evaluate import evaluate_folder, format_table
