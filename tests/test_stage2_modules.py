@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nnunetv2_dsm.network.anomaly import anomaly_prompt, anomaly_score, normalize_per_sample
-from nnunetv2_dsm.network.prompt_attention import PromptMaskedCrossAttention, QueryInteraction, prompt_mask
+from nnunetv2_dsm.network.attention import QuerySelfAttention
+from nnunetv2_dsm.network.prompt_attention import PromptMaskedCrossAttention, prompt_mask
 from nnunetv2_dsm.network.semantic_diffusion import SemanticDiffusion, diffusivity, difference_filter, zero_sum
 
 SPATIAL = {2: (6, 5), 3: (6, 5, 4)}
@@ -235,7 +236,7 @@ def test_cross_attention_rejects_a_prompt_of_the_wrong_size():
 
 def test_query_interaction_is_permutation_equivariant_and_trains():
     torch.manual_seed(0)
-    qi = QueryInteraction(16, num_heads=4)
+    qi = QuerySelfAttention(16, num_heads=4)
     assert qi.ffn[0].out_features == 64  # ffn_dim defaults to 4·dim
     queries = torch.randn(2, 9, 16, generator=_gen(8))  # e.g. 4 organ + 5 tumour queries
     out = qi(queries)
@@ -244,4 +245,4 @@ def test_query_interaction_is_permutation_equivariant_and_trains():
     torch.testing.assert_close(qi(queries[:, perm]), out[:, perm], atol=1e-5, rtol=1e-5)
     (out * torch.randn_like(out)).sum().backward()
     _assert_all_params_get_gradient(qi)
-    assert QueryInteraction(16, num_heads=4, ffn_dim=24).ffn[0].out_features == 24
+    assert QuerySelfAttention(16, num_heads=4, ffn_dim=24).ffn[0].out_features == 24

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunetv2_dsm.network.attention import QuerySelfAttention
 from nnunetv2_dsm.network.ssm import Mamba
 
 
@@ -92,22 +93,6 @@ class VoxelSequenceSSM(nn.Module):
         return out.transpose(1, 2).reshape(logits.shape)
 
 
-class QuerySelfAttentionFFN(nn.Module):
-    """Pre-norm query self-attention followed by an FFN, (B, N, D) → (B, N, D)."""
-
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int):
-        super().__init__()
-        self.norm_attn = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-        self.norm_ffn = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
-
-    def forward(self, q: torch.Tensor) -> torch.Tensor:
-        h = self.norm_attn(q)
-        q = q + self.attn(h, h, h, need_weights=False)[0]
-        return q + self.ffn(self.norm_ffn(q))
-
-
 class KMeansMaskMambaLayer(nn.Module):
     """One kMMM layer: ``forward(queries (B,N,D), features (B,C,*S)) -> (queries, response (B,N,*S),
     pixel (B,D,*S), pixel_embedding (B,Dm,*S))``."""
@@ -123,7 +108,7 @@ class KMeansMaskMambaLayer(nn.Module):
         self.values = conv1x1(dim, dim, ndim)
         self.update_norm = nn.LayerNorm(dim)
         self.update_proj = nn.Linear(dim, dim)
-        self.query_mixing = QuerySelfAttentionFFN(dim, num_heads, ffn_dim)
+        self.query_mixing = QuerySelfAttention(dim, num_heads, ffn_dim)
 
     def response(self, queries: torch.Tensor, pixel: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Eq. 9: mask logits of every query then the voxel-sequence SSM. Returns (response, pixel_embedding)."""

@@ -26,7 +26,8 @@ from torch import nn
 from nnunetv2_dsm.labels import NUM_TUMOURS
 from nnunetv2_dsm.network.anomaly import anomaly_prompt
 from nnunetv2_dsm.network.kmeans_layer import mask_logits
-from nnunetv2_dsm.network.prompt_attention import PromptMaskedCrossAttention, QueryInteraction
+from nnunetv2_dsm.network.attention import QuerySelfAttention
+from nnunetv2_dsm.network.prompt_attention import PromptMaskedCrossAttention
 from nnunetv2_dsm.network.semantic_diffusion import SemanticDiffusion
 
 
@@ -52,7 +53,7 @@ class TumourQueryRefinement(nn.Module):
         self.cross_attention = nn.ModuleList(
             PromptMaskedCrossAttention(arch.dim, c, num_heads=arch.num_heads) for c in chans)
         self.interaction = nn.ModuleList(
-            QueryInteraction(arch.dim, num_heads=arch.num_heads, ffn_dim=arch.ffn_dim) for _ in chans)
+            QuerySelfAttention(arch.dim, num_heads=arch.num_heads, ffn_dim=arch.ffn_dim) for _ in chans)
         for block in self.interaction:
             zero_init_(block.out, block.ffn[-1])
         self.kernel_norm = nn.ModuleList(nn.LayerNorm(arch.dim) for _ in chans)
