@@ -71,29 +71,50 @@ def read_file(path: Path) -> sitk.Image:
     return img
 
 
-def nonfinite_mask(path: Path):
-    """(z, y, x) bool mask of the NaN/Inf voxels *stored* in a float NIfTI file, or None when it has none (or is
-    not a float NIfTI). Needed because SimpleITK's NIfTI reader silently returns 0 for them."""
+def count_nonfinite(path: Path) -> int:
+    """Number of NaN/Inf values *stored* in a float NIfTI file (0 for integer files and other formats), counted
+    while streaming the data, so memory stays small. Needed because SimpleITK's NIfTI reader returns 0 for them."""
+    import gzip
+
     import nibabel as nib
-    if not str(path).lower().endswith((".nii", ".nii.gz")):
-        return None
+    name = str(path).lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return 0
     img = nib.load(str(path))
-    if img.header.get_data_dtype().kind != "f":
-        return None                                  # integers cannot hold NaN
-    arr = np.asanyarray(img.dataobj)
-    bad = ~np.isfinite(arr)
-    if not bad.any():
+    dtype = img.header.get_data_dtype()
+    if dtype.kind not in "fc":
+        return 0                                     # integers cannot hold NaN
+    left = int(np.prod(img.header.get_data_shape())) * dtype.itemsize
+    step = dtype.itemsize * (1 << 22)
+    n = 0
+    with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
+        f.seek(int(img.dataobj.offset))
+        while left > 0:
+            buf = f.read(min(step, left))
+            if not buf:
+                break
+            n += int(np.count_nonzero(~np.isfinite(np.frombuffer(buf[:len(buf) - len(buf) % dtype.itemsize],
+                                                                 dtype))))
+            left -= len(buf)
+    return n
+
+
+def nonfinite_mask(path: Path):
+    """(z, y, x) bool mask of the NaN/Inf voxels stored in a float NIfTI file, or None when it has none; the whole
+    array is loaded only when :func:`count_nonfinite` found some."""
+    import nibabel as nib
+    if not count_nonfinite(path):
         return None
+    bad = ~np.isfinite(np.asanyarray(nib.load(str(path)).dataobj))
     return np.ascontiguousarray(bad.reshape(bad.shape[:3]).transpose(2, 1, 0)) if bad.ndim >= 3 else bad
 
 
 def check_finite(path: Path, what: str = "label") -> None:
     """Raise :class:`CaseError` if the file stores NaN or infinite values (counted), e.g. a label or an anomaly
     map: they would be read as 0 without a word (see :func:`nonfinite_mask`)."""
-    mask = nonfinite_mask(Path(path))
-    if mask is not None:
-        raise CaseError(f"{path} holds {int(mask.sum())} NaN or infinite values of {mask.size}; a {what} must be "
-                        f"finite. Re-export it.")
+    n = count_nonfinite(Path(path))
+    if n:
+        raise CaseError(f"{path} holds {n} NaN or infinite values; a {what} must be finite. Re-export it.")
 
 
 REWRITE_FIX = "Write the file again (re-run the command that made it)."
