@@ -218,7 +218,9 @@ def test_cli_writes_json_and_csv(folders, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "class" in printed and "n cases" in printed and "FPR95" in printed and "Liver Tumor" in printed
-    summary = json.loads((folders["out"] / "summary.json").read_text())   # strict JSON: NaN written as null
+    summary = json.loads((folders["out"] / "dsm_summary.json").read_text())   # strict JSON: NaN written as null
+    assert set(json.loads((folders["out"] / "summary.json").read_text())) == {"metric_per_case", "mean",
+                                                                              "foreground_mean"}  # nnU-Net's
     assert summary["region"] == "volume" and summary["cases"]["c1"]["Pancreas"]["DSC"] is None
     assert summary["mean"]["Liver Tumor"]["AUROC"] == pytest.approx(400 / 472)
     with open(folders["out"] / "metrics.csv", newline="") as f:
@@ -238,4 +240,4 @@ def test_cli_errors_exit_2_with_message(folders, capsys):
     (folders["pred"] / "c1.nii.gz").unlink()
     assert main(["-ref", str(folders["ref"]), "-pred", str(folders["pred"]), "-np", "1"]) == 2   # cli/errors.py
     err = capsys.readouterr().err
-    assert "nnUNetv2_dsm_evaluate: error:" in err and "c1" in err and "--skip-missing" in err
+    assert "nnUNetv2_dsm_evaluate: error:" in err and "c1" in err and "--skip_missing" in err

@@ -1,6 +1,7 @@
 """``nnUNetv2_dsm_evaluate``: DSC per case and class, voxel-level AUROC / FPR95 per tumour class.
 
-Writes ``summary.json`` and ``metrics.csv`` (long format) to ``-o`` (default: the prediction folder) and prints a
+Writes ``summary.json`` (nnU-Net's structure, annotated classes only), ``dsm_summary.json`` (DSC, AUROC,
+FPR95, per source) and ``metrics.csv`` (long format) to ``-o`` (default: the prediction folder) and prints a
 per-class table. Definitions and edge-case values: docs/evaluation.md. Bad input (a missing, truncated or NaN file,
 a geometry mismatch, an unwritable -o) exits 2 with one line naming the file (:mod:`nnunetv2_dsm.cli.errors`).
 """
@@ -28,10 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-pred", required=True, metavar="DIR",
                    help="predicted label maps <case>.nii.gz; <case>.npz with 'probabilities' (nnU-Net "
                         "--save_probabilities) is used as per-class scores when present")
-    p.add_argument("--anomaly-maps", metavar="DIR", default=None,
+    p.add_argument("--anomaly_maps", "--anomaly-maps", metavar="DIR", default=None,
                    help="float <case>.nii.gz anomaly maps (Eq. 14, higher = more anomalous); the default tumour "
                         "scores when given")
-    p.add_argument("-dj", "--dataset-json", metavar="FILE", default=None,
+    p.add_argument("-dj", "--dataset_json", "--dataset-json", metavar="FILE", default=None,
                    help="dataset.json with 'dsm_manifest': evaluate each case's annotated classes (an annotated "
                         "class absent from the reference is a true empty). Without it: the classes present in "
                         "the reference")
@@ -39,21 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="voxels entering AUROC/FPR95: 'host' = reference host organ(s) of the tumour plus the "
                         "tumour (whole volume if the case annotates no host), 'volume' = all voxels")
     p.add_argument("-o", "--output", metavar="DIR", default=None,
-                   help="where summary.json and metrics.csv go (default: the -pred folder)")
+                   help="where summary.json (nnU-Net's structure), dsm_summary.json and metrics.csv go (default: the "
+                        "-pred folder)")
     p.add_argument("--classes", nargs="+", metavar="NAME", default=None,
                    help="evaluate only these classes (names as in nnunetv2_dsm.labels.CLASS_NAMES, quote names "
                         "with blanks; the words 'organs' and 'tumours' select a group)")
     p.add_argument("--scores", choices=("auto", "anomaly", "probabilities"), default="auto",
                    help="tumour scores for AUROC/FPR95: auto = anomaly maps if given, else the class probability "
                         "from <case>.npz when present")
-    p.add_argument("--dsc-from", choices=("labels", "probabilities"), default="labels",
+    p.add_argument("--dsc_from", "--dsc-from", choices=("labels", "probabilities"), default="labels",
                    help="binary prediction for DSC: the label map, or each class probability > 0.5 from <case>.npz "
                         "(keeps tumours of paired organs inside their organ)")
-    p.add_argument("--skip-missing", action="store_true",
+    p.add_argument("--skip_missing", "--skip-missing", action="store_true",
                    help="skip reference cases lacking a prediction (or anomaly map / npz) instead of failing")
     p.add_argument("--tolerance", type=float, default=GEOMETRY_TOL,
                    help="absolute tolerance on spacing/origin (mm) and direction when matching geometry")
-    p.add_argument("-np", "--num-processes", type=int, default=2, metavar="N",
+    p.add_argument("-np", "--num_processes", "--num-processes", type=int, default=2, metavar="N",
                    help="worker processes (one case each; a 512x512x300 case needs ~1-2 GB)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the summary table")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
@@ -90,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if summary["skipped_cases"]:
             print(f"skipped {len(summary['skipped_cases'])} case(s) lacking files: "
                   f"{', '.join(summary['skipped_cases'])}")
-        print(f"wrote {out}/summary.json and {out}/metrics.csv")
+        print(f"wrote {out}/summary.json, {out}/dsm_summary.json and {out}/metrics.csv")
     return 0
 
 

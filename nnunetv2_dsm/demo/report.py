@@ -218,7 +218,7 @@ def write_report(output_dir, *, header: Sequence[str], settings: Sequence[tuple]
 
 def load_summaries(eval_dir) -> Dict[str, Optional[dict]]:
     """The evaluation summaries ``test``, ``inference``, ``prompt`` under ``eval_dir`` (None where missing)."""
-    paths = {k: Path(eval_dir) / k / "summary.json" for k in ("test", "inference", "prompt")}
+    paths = {k: Path(eval_dir) / k / "dsm_summary.json" for k in ("test", "inference", "prompt")}
     return {k: json.loads(p.read_text()) if p.is_file() else None for k, p in paths.items()}
 
 

@@ -41,6 +41,7 @@ SCORE_SOURCES = ("auto", "anomaly", "probabilities")
 DSC_SOURCES = ("labels", "probabilities")
 METRICS = ("DSC", "AUROC", "FPR95")
 GEOMETRY_TOL = 1e-3
+DSM_SUMMARY = "dsm_summary.json"   # the DSM figures; summary.json is nnU-Net's structure (evaluation.nnunet_summary)
 PROBABILITY_THRESHOLD = 0.5
 FALLBACK_REGION = "volume (no host annotation)"
 _V = MAX_LABEL + 1
@@ -307,7 +308,7 @@ def evaluate_folder(ref_dir, pred_dir, anomaly_dir=None, dataset_json=None, regi
         if d is not None and not d.is_dir():
             raise EvaluationError(f"{what} folder {d} does not exist")
     if scores == "anomaly" and anomaly_dir is None:
-        raise EvaluationError("scores='anomaly' needs an anomaly-map folder (--anomaly-maps)")
+        raise EvaluationError("scores='anomaly' needs an anomaly-map folder (--anomaly_maps)")
     case_ids = _cases_in(ref_dir)
     if not case_ids:
         raise EvaluationError(f"no {SUFFIX} files in the reference folder {ref_dir}")
@@ -342,7 +343,7 @@ def evaluate_folder(ref_dir, pred_dir, anomaly_dir=None, dataset_json=None, regi
         listing = "; ".join(f"{c}: {', '.join(f)}" for c, f in list(missing.items())[:20])
         more = f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""
         raise EvaluationError(f"{len(missing)} of {len(case_ids)} reference cases lack files: {listing}{more}. "
-                              f"Pass --skip-missing to evaluate only the complete cases.")
+                              f"Pass --skip_missing to evaluate only the complete cases.")
     if not jobs:
         raise EvaluationError("no case left to evaluate (every case lacks a prediction)")
 
@@ -369,6 +370,8 @@ def evaluate_folder(ref_dir, pred_dir, anomaly_dir=None, dataset_json=None, regi
         "skipped_cases": {c: f for c, f in missing.items()},
         "notes": notes,
         "mean": aggregate(per_case),
+        "per_source": {src: aggregate({c: r for c, r in per_case.items() if manifest[c].source == src})
+                       for src in sorted({manifest[c].source for c in per_case})} if manifest else {},
         "cases": per_case,
     }
     if write:
@@ -406,11 +409,15 @@ def metrics_rows(summary: dict) -> List[Tuple[str, str, str, float]]:
 
 
 def write_outputs(summary: dict, output_dir) -> Tuple[Path, Path]:
-    """Write ``summary.json`` (NaN as null) and ``metrics.csv`` (NaN as ``nan``) atomically into ``output_dir``."""
+    """Write, atomically into ``output_dir``: ``summary.json`` in nnU-Net's structure (``nnunet_summary``: annotated
+    classes only, read by nnU-Net's tools), ``dsm_summary.json`` (this summary: DSC, AUROC, FPR95, per source; NaN as
+    null) and ``metrics.csv`` (NaN as ``nan``). Returns (summary.json, metrics.csv)."""
+    from nnunetv2_dsm.evaluation.nnunet_summary import write_nnunet_summary
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, cs = out / "summary.json", out / "metrics.csv"
-    _atomic_write(js, json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
+    _atomic_write(out / DSM_SUMMARY, json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
+    write_nnunet_summary(summary, str(js))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(("case", "class", "metric", "value"))
