@@ -215,25 +215,13 @@ def read_case(case: InputCase) -> List[sitk.Image]:
     return images
 
 
-def nonfinite_in_file(path: str) -> Optional[np.ndarray]:
-    """Bool (z, y, x) of the NaN/inf voxels of a floating-point NIfTI file, None for other files: ITK's NIfTI reader
-    turns NaN into 0 (water) without a word, so the file itself is looked at (nibabel)."""
-    if not path.lower().endswith((".nii", ".nii.gz")):
-        return None
-    import nibabel as nib
-    img = nib.load(path)
-    if not np.issubdtype(img.header.get_data_dtype(), np.floating):
-        return None
-    raw = np.asanyarray(img.dataobj)
-    return None if np.isfinite(raw).all() else ~np.isfinite(raw.reshape(raw.shape[:3])).T
-
-
 def finite_array(img: sitk.Image, name: str) -> np.ndarray:
     """The voxel array (z, y, x) as float32; NaN/inf voxels (in the array or, for NIfTI, in the file) are replaced
     by the lowest finite value, with a warning on stderr saying how many there are."""
     arr = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)
     bad = ~np.isfinite(arr)
-    in_file = nonfinite_in_file(name) if os.path.isfile(name) else None
+    from nnunetv2_dsm.dataset_conversion.readers import nonfinite_mask   # ITK's NIfTI reader turns NaN into 0
+    in_file = nonfinite_mask(Path(name)) if os.path.isfile(name) else None
     if in_file is not None and in_file.shape == bad.shape:
         bad |= in_file
     n = int(bad.sum())
