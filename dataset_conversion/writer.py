@@ -326,19 +326,20 @@ def _check_ours(out: Path, cases: List[CaseFiles]) -> None:
 
     def ours(p: Path) -> bool:
         return p in expected and _record_path(out, expected[p].case_id).is_file()
-    stale = foreign_entries([out / sub for sub in ("imagesTr", "labelsTr", "imagesTs")], lambda p: p in expected)
+    foreign = foreign_entries([out / sub for sub in ("imagesTr", "labelsTr", "imagesTs")], ours)
+    stale = [p for p in foreign if p not in expected]
     if stale:
         raise InputError(f"{out} holds {len(stale)} files that this conversion does not produce (e.g. {stale[0]}). "
                          f"They belong to another dataset or an earlier input folder: remove them, or choose another "
                          f"dataset id with -d.")
-    refuse_foreign(foreign_entries([out / sub for sub in ("imagesTr", "labelsTr", "imagesTs")], ours), out, PROG)
+    refuse_foreign(foreign, out, PROG)                  # outputs of this conversion that it did not write
     js = out / "dataset.json"
     if js.is_file():
         try:
-            mine = "dsm_conversion" in json.loads(js.read_text())
-        except (ValueError, TypeError, UnicodeDecodeError):
-            mine = False
-        if not mine:
+            data = json.loads(js.read_text())
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if not (isinstance(data, dict) and "dsm_conversion" in data):
             refuse_foreign([js], out, PROG)
 
 
