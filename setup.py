@@ -27,14 +27,20 @@ setup(
         "pydicom>=2.4",
         "pillow",
         "scipy",
-        "scikit-learn",
         "tqdm",
         "matplotlib",
+        # imported directly (also dependencies of nnunetv2, declared because this package imports them)
+        "acvl_utils>=0.2",
+        "batchgenerators>=0.25",
+        "huggingface_hub",
     ],
     extras_require={
         # CUDA-only kernels; the package falls back to its own selective scan without them
         "mamba": ["mamba-ssm>=1.2", "causal-conv1d>=1.2"],
-        "test": ["pytest>=7"],
+        # nnUNetv2_dsm_predict --output_type dicom_seg
+        "dicom": ["highdicom>=0.22"],
+        # the tests compare AUROC/FPR95 with scikit-learn and read DICOM-SEG back with highdicom
+        "test": ["pytest>=7", "scikit-learn", "highdicom>=0.22"],
     },
     entry_points={
         "console_scripts": [
@@ -44,6 +50,7 @@ setup(
             "nnUNetv2_dsm_merge=nnunetv2_dsm.dataset_conversion.cli:merge_main",
             "nnUNetv2_dsm_embed_prompts=nnunetv2_dsm.cli.embed_prompts:main",
             "nnUNetv2_dsm_predict=nnunetv2_dsm.cli.predict:main",
+            "nnUNetv2_dsm_export_model_to_zip=nnunetv2_dsm.cli.export_model:main",
             "nnUNetv2_dsm_evaluate=nnunetv2_dsm.cli.evaluate:main",
             "nnUNetv2_dsm_demo=nnunetv2_dsm.cli.demo:main",
         ],
