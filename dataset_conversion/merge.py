@@ -230,9 +230,10 @@ def merge(inputs: Sequence[str], dataset_id: int, sources: Sequence[str] = (), n
     return summary
 
 
-def _check_ours(out: Path, record: WrittenRecord, wanted: Dict[Path, Path]) -> None:
+def _check_ours(out: Path, record: WrittenRecord, wanted: Dict[Path, Path]) -> set:
     """Refuse (naming it) any file in the output that an earlier merge did not place: merge deletes and replaces
-    only its own files. A file that already is the one to be placed (same inode) is accepted."""
+    only its own files. Returns the files that are its own: those in its record, and links to the input file of
+    the same name (a merge written before the record existed; removing such a link loses nothing)."""
     visible = [p for p in out.iterdir() if not p.name.startswith(".")]
     js = out / "dataset.json"
     if js.is_file():
@@ -243,24 +244,27 @@ def _check_ours(out: Path, record: WrittenRecord, wanted: Dict[Path, Path]) -> N
         raise InputError(f"{out} exists and is not a dataset written by {PROG} (no dataset.json with 'dsm_merge'); "
                          f"choose another -d.")
 
+    by_name = {dst.name: src for dst, src in wanted.items()}
+    subfolders = [out / s for s in SUBFOLDERS]
+
     def ours(p: Path) -> bool:
         if record.owns(p):
             return True
         try:
-            return p in wanted and os.path.samefile(p, wanted[p])
+            return p.name in by_name and os.path.samefile(p, by_name[p.name])
         except OSError:
             return False
-    refuse_foreign(foreign_entries([out / s for s in SUBFOLDERS], ours), out, PROG)
+    refuse_foreign(foreign_entries(subfolders, ours), out, PROG)
+    return {p for d in subfolders if d.is_dir() for p in d.iterdir()}
 
 
 def _place_all(out: Path, wanted: Dict[Path, Path], link: str, summary: MergeSummary) -> None:
     """Place every wanted file and remove the files of an earlier merge that this one does not place."""
     record = WrittenRecord(out, STATE_DIR)
-    _check_ours(out, record, wanted)
+    previous = _check_ours(out, record, wanted) | {out / n for n in record.names}
     tmp_dir = out / STATE_DIR / "tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    previous = {out / n for n in record.names}
     record.save(previous | set(wanted))                      # claimed before placing: an interruption keeps them ours
     for dst, src in wanted.items():
         dst.parent.mkdir(parents=True, exist_ok=True)

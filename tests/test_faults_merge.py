@@ -150,3 +150,16 @@ def test_name_dot_dot_is_refused(raw, capsys):
     code, err, _ = merge(raw, capsys, "--name", "..")
     assert_error(code, err, 2, "dataset name '..'")
     assert checksums(raw.parent) == before and not list(raw.glob("Dataset100_*"))
+
+
+def test_merge_written_before_the_record_existed_can_change_its_split(raw, capsys):
+    assert merge(raw, capsys)[0] == 0
+    first = sorted(p.name for p in (raw / OUT / "imagesTr").iterdir())
+    (raw / OUT / ".dsm_merge" / "written.json").unlink()          # as left by a version without the record
+    assert merge(raw, capsys, "--seed", "7")[0] == 0              # its links to the inputs are recognised
+    ds = json.loads((raw / OUT / "dataset.json").read_text())
+    train = sorted(f"{c}_0000.nii.gz" for c, e in ds["dsm_manifest"]["cases"].items() if e["subset"] == "train")
+    assert sorted(p.name for p in (raw / OUT / "imagesTr").iterdir()) == train != first   # old split removed
+    (raw / OUT / ".dsm_merge" / "written.json").unlink()
+    (raw / OUT / "imagesTr" / "Mine_0000.nii.gz").write_bytes(b"own")  # but not the user's own files
+    refused_without_change(raw, capsys, "Mine_0000.nii.gz", "did not write")
