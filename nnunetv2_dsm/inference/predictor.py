@@ -15,7 +15,7 @@ mirroring and fold averaging. The DSM network computes the extra channels in the
     OUT/masks/<case>/<class>.nii.gz          one binary mask per class (TotalSegmentator style names)
     OUT/statistics/<case>.json               per class: volume (ml), voxels, mean/std intensity (HU)
     OUT/preview/<case>.png                   axial/coronal/sagittal overlay
-    OUT/<case>.dcm                           DICOM-SEG instead of the label map (--output_type dicom_seg)
+    OUT/<case>.dcm                           DICOM-SEG over the input series (--output_type dicom_seg)
     OUT/dsm_prompts.json                     per case and prompt: the query that answered, its similarity
 """
 from __future__ import annotations
@@ -132,7 +132,8 @@ def prompt_cache_files(model_folder: str) -> List[str]:
 
 
 def _outputs_done(out: str, case: str, ending: str, opts: PredictOptions) -> bool:
-    files = [os.path.join(out, case + (".dcm" if opts.output_type == "dicom_seg" else ending))]
+    files = [os.path.join(out, case + ending)]
+    files += [os.path.join(out, case + ".dcm")] if opts.output_type == "dicom_seg" else []
     files += [os.path.join(out, STATISTICS_FOLDER, case + ".json")] if opts.statistics else []
     files += [os.path.join(out, PREVIEW_FOLDER, case + ".png")] if opts.preview else []
     files += [os.path.join(out, case + ".npz")] if opts.save_probabilities else []
@@ -161,12 +162,11 @@ def export_case(logits: torch.Tensor, properties: dict, predictor, out: str, cas
     lm = predictor.label_manager._base if isinstance(predictor.label_manager, _ExtraHeadsLabelManager) \
         else predictor.label_manager
     seg = label_map(logits, properties, pm, cm, lm.regions_class_order).astype(LABEL_DTYPE)
+    write_seg(to_input_grid(seg, properties), os.path.join(out, case + ending), properties, SimpleITKIO())
     if opts.output_type == "dicom_seg":
         from nnunetv2_dsm.inference.dicom_seg import write_dicom_seg
         write_dicom_seg(to_input_grid(seg, properties), properties["dsm_source"], os.path.join(out, case + ".dcm"),
                         opts.roi_subset)
-    else:
-        write_seg(to_input_grid(seg, properties), os.path.join(out, case + ending), properties, SimpleITKIO())
     if opts.statistics and image_lps is not None:
         stats = class_statistics(seg, image_lps, properties["spacing"], opts.roi_subset)
         os.makedirs(os.path.join(out, STATISTICS_FOLDER), exist_ok=True)
@@ -293,6 +293,10 @@ def predict(input_path: str, output_folder: str, model_folder: str, folds, check
                                        verbose)
     cases = find_cases(input_path, len(predictor.dataset_json["channel_names"]))
     _unique_cases(cases)
+    not_dicom = [c.source for c in cases if not c.dicom]
+    if opts.output_type == "dicom_seg" and not_dicom:
+        raise PredictionError(f"--output_type dicom_seg needs DICOM series as input; {not_dicom[0]} is not one (use "
+                              f"the default NIfTI output)")
     cases = select_part(cases, opts.num_parts, opts.part_id)
     _prepare_output(output_folder, predictor, opts)
     report_file = os.path.join(output_folder, "dsm_prompts.json")
