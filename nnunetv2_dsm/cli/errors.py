@@ -15,6 +15,7 @@ import functools
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 EXIT_USER_ERROR = 2
@@ -31,10 +32,9 @@ class OutputLockedError(UserError):
     """Another process is writing to the same output folder."""
 
 
-def writable_dir(path, flag: str = "-o") -> "Path":
+def writable_dir(path, flag: str = "-o") -> Path:
     """Create ``path`` (and its parents) if needed and check that files can be created in it; returns it as a
     ``Path``. A path that is a file, lies below a file, or is read-only is a :class:`UserError` naming it."""
-    from pathlib import Path
     p = Path(os.fspath(path))
     blocker = next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
     if blocker is not None:
