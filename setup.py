@@ -51,6 +51,7 @@ setup(
             "nnUNetv2_dsm_embed_prompts=nnunetv2_dsm.cli.embed_prompts:main",
             "nnUNetv2_dsm_predict=nnunetv2_dsm.cli.predict:main",
             "nnUNetv2_dsm_export_model_to_zip=nnunetv2_dsm.cli.export_model:main",
+            "nnUNetv2_dsm_find_best_configuration=nnunetv2_dsm.evaluation.nnunet_summary:find_best_configuration_main",
             "nnUNetv2_dsm_evaluate=nnunetv2_dsm.cli.evaluate:main",
             "nnUNetv2_dsm_demo=nnunetv2_dsm.cli.demo:main",
         ],

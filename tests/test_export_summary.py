@@ -36,7 +36,9 @@ def test_summary_json_matches_nnunet_evaluate_folder_on_annotated_classes(tmp_pa
     theirs = compute_metrics_on_folder(str(ref), str(pred), None, SimpleITKIO(), ".nii.gz", [liver, tumour, spleen],
                                        num_processes=1)
     assert set(ours) == {"metric_per_case", "mean", "foreground_mean"}
-    assert set(ours["mean"]) == {liver, tumour}          # spleen is not annotated: not counted
+    assert len(ours["mean"]) == 45 and set(theirs["mean"]) <= set(ours["mean"])  # every region, as nnU-Net's ...
+    assert np.isnan(ours["mean"][spleen]["Dice"])        # ... but spleen is annotated nowhere: not counted
+    assert all(set(c["metrics"]) == {liver, tumour} for c in ours["metric_per_case"])
     for o, t in zip(ours["metric_per_case"], theirs["metric_per_case"]):
         assert o["reference_file"].endswith(t["reference_file"].rsplit("/", 1)[1])
         for region in (liver, tumour):
@@ -44,6 +46,40 @@ def test_summary_json_matches_nnunet_evaluate_folder_on_annotated_classes(tmp_pa
     for region in (liver, tumour):
         assert ours["mean"][region]["Dice"] == theirs["mean"][region]["Dice"]
     assert theirs["mean"][spleen]["FP"] > 0  # nnU-Net would have counted the unannotated spleen as false positives
-    assert ours["foreground_mean"]["Dice"] == np.mean([theirs["mean"][r]["Dice"] for r in (liver, tumour)])
+    assert ours["foreground_mean"]["Dice"] == np.nanmean([theirs["mean"][r]["Dice"] for r in (liver, tumour)])
     dsm = json.loads((tmp_path / "out" / "dsm_summary.json").read_text())
     assert set(dsm["per_source"]) == {"lits"} and "AUROC" not in dsm["mean"]["Liver"]
+
+
+def test_cross_validation_accumulation_ranks_on_annotated_classes(tmp_path, monkeypatch):
+    """nnU-Net's accumulate_cv_results (what nnUNetv2_find_best_configuration ranks on), run inside
+    annotated_classes_in_nnunet_evaluation, writes the annotated-classes summary; outside it nnU-Net's own."""
+    from nnunetv2.evaluation.accumulate_cv_results import accumulate_cv_results
+    from nnunetv2.evaluation.evaluate_predictions import load_summary_json
+    from nnunetv2_dsm.benchmark.plans import dataset_json_for_benchmark
+    from nnunetv2_dsm.evaluation.nnunet_summary import annotated_classes_in_nnunet_evaluation, write_validation_summary
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    labels, model = tmp_path / "raw" / "Dataset996_CV" / "labelsTr", tmp_path / "model"
+    (model / "fold_0" / "validation").mkdir(parents=True), labels.mkdir(parents=True)
+    r = np.zeros((6, 7, 8), np.uint8)
+    r[1:5, 1:6, 1:7] = 6
+    p = r.copy()
+    p[0] = 1                                            # spleen predicted where the case annotates no spleen
+    _write(labels / "a.nii.gz", r), _write(model / "fold_0" / "validation" / "a.nii.gz", p)
+    dj = dataset_json_for_benchmark(1)
+    dj["dsm_manifest"] = make_manifest({"a": make_entry("lits", ["Liver", "Liver Tumor"])})
+    for folder in (labels.parent, model):
+        (folder / "dataset.json").write_text(json.dumps(dj))
+    (model / "plans.json").write_text(json.dumps({"dataset_name": "Dataset996_CV", "plans_name": "nnUNetPlans",
+                                                  "image_reader_writer": "SimpleITKIO", "configurations": {}}))
+    with annotated_classes_in_nnunet_evaluation():
+        accumulate_cv_results(str(model), str(tmp_path / "cv"), [0], 1)
+    assert load_summary_json(str(tmp_path / "cv" / "summary.json"))["foreground_mean"]["Dice"] == 1.0
+    # the trainers' final validation: validation/summary.json on the annotated classes as well
+    write_validation_summary(str(model / "fold_0" / "validation"), str(labels.parent / "dataset.json"),
+                             ref_dir=str(labels), num_processes=1)
+    validation = load_summary_json(str(model / "fold_0" / "validation" / "summary.json"))
+    assert validation["foreground_mean"]["Dice"] == 1.0 and len(validation["metric_per_case"]) == 1
+    accumulate_cv_results(str(model), str(tmp_path / "cv_stock"), [0], 1)   # restored: nnU-Net counts every region
+    assert np.isnan(load_summary_json(str(tmp_path / "cv_stock" / "summary.json"))["foreground_mean"]["Dice"]) or \
+        load_summary_json(str(tmp_path / "cv_stock" / "summary.json"))["foreground_mean"]["Dice"] < 1.0

@@ -4,12 +4,14 @@
 ``foreground_mean['Dice']``) counts every class of every case; with partial labels an unannotated class predicted in
 a case counts as false positives. This writes the same structure — ``metric_per_case`` (``reference_file``,
 ``prediction_file``, ``metrics`` {region key: Dice, IoU, FP, TP, FN, TN, n_pred, n_ref}), ``mean`` {region key:
-metric means}, ``foreground_mean`` — from the DSM evaluation, in which each case holds only the classes it
-annotates. Region keys are nnU-Net's (``label_or_region_to_key`` of the dataset.json region, e.g. ``"(6, 36, 37)"``
+metric means, NaN for a region no case annotates}, ``foreground_mean`` over the annotated regions
+(NaN-aware) — from the DSM
+evaluation, in which each case holds only the classes it annotates. Region keys are nnU-Net's (``label_or_region_to_key`` of the dataset.json region, e.g. ``"(6, 36, 37)"``
 for Liver). The DSM-only figures (AUROC, FPR95, per source) stay in ``dsm_summary.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Dict, List, Optional
@@ -64,12 +66,15 @@ def nnunet_summary(summary: dict) -> dict:
         per_case.append({"reference_file": ref, "prediction_file": os.path.join(pred_dir, case + ".nii.gz"),
                          "metrics": case_metrics(rec, _n_voxels(ref))})
     regions = [_region(n) for n in dataset_json_labels() if n != "background"]
-    means = {}
-    for r in regions:
+    means, annotated = {}, []
+    for r in regions:  # every region, as nnU-Net's tools index them; NaN where no case annotates it
         vals = [c["metrics"][r] for c in per_case if r in c["metrics"]]
-        if vals:
-            means[r] = {m: _nanmean([v[m] for v in vals]) for m in NNUNET_METRICS}
-    foreground = {m: float(np.mean([means[r][m] for r in means])) if means else float("nan") for m in NNUNET_METRICS}
+        means[r] = {m: _nanmean([v[m] for v in vals]) for m in NNUNET_METRICS}
+        annotated += [r] if vals else []
+    # NaN-aware: a class annotated but empty in reference and prediction of every case has no Dice (nnU-Net's plain
+    # mean would turn the whole figure into NaN, and find_best_configuration could not rank it)
+    foreground = {m: _nanmean([means[r][m] for r in annotated]) if annotated else float("nan")
+                  for m in NNUNET_METRICS}
     return {"metric_per_case": per_case, "mean": means, "foreground_mean": foreground}
 
 
@@ -90,14 +95,56 @@ def write_nnunet_summary(summary: dict, output_file: str) -> dict:
     return result
 
 
+def compute_metrics_on_folder_annotated(folder_ref: str, folder_pred: str, output_file: Optional[str],
+                                        image_reader_writer=None, file_ending: str = ".nii.gz",
+                                        regions_or_labels=None, ignore_label=None, num_processes: int = 2,
+                                        chill: bool = True) -> dict:
+    """Drop-in for nnU-Net's ``compute_metrics_on_folder`` (same arguments; reader, regions and ignore label are
+    DSM's own): the predictions in ``folder_pred`` scored on each case's annotated classes (the ``dsm_manifest`` of the
+    dataset.json beside ``folder_ref``, else in ``folder_pred``); writes ``output_file`` and returns the result."""
+    from nnunetv2_dsm.evaluation.evaluate import evaluate_folder
+    candidates = [os.path.join(os.path.dirname(os.path.normpath(folder_ref)), "dataset.json"),
+                  os.path.join(folder_pred, "dataset.json")]
+    dj = next((c for c in candidates if os.path.isfile(c)), None)
+    summary = evaluate_folder(folder_ref, folder_pred, dataset_json=dj, skip_missing=True,
+                              num_processes=num_processes, write=False)
+    return write_nnunet_summary(summary, output_file) if output_file else nnunet_summary(summary)
+
+
+@contextlib.contextmanager
+def annotated_classes_in_nnunet_evaluation():
+    """Within the block, nnU-Net's cross-validation accumulation, ``find_best_configuration`` and its postprocessing
+    search score predictions
+    with :func:`compute_metrics_on_folder_annotated` (nnU-Net has no hook for the metric; its modules bind the function
+    at import, so it is swapped there and restored afterwards)."""
+    import nnunetv2.evaluation.accumulate_cv_results as acc
+    import nnunetv2.evaluation.find_best_configuration as fbc
+    import nnunetv2.postprocessing.remove_connected_components as pp
+    saved = [(m, m.compute_metrics_on_folder) for m in (acc, fbc, pp)]
+    try:
+        for m, _ in saved:
+            m.compute_metrics_on_folder = compute_metrics_on_folder_annotated
+        yield
+    finally:
+        for m, f in saved:
+            m.compute_metrics_on_folder = f
+
+
+def find_best_configuration_main() -> None:
+    """``nnUNetv2_dsm_find_best_configuration``: nnU-Net's ``nnUNetv2_find_best_configuration`` (same flags) ranking on
+    the annotated classes of each case."""
+    from nnunetv2.evaluation.find_best_configuration import find_best_configuration_entry_point
+    with annotated_classes_in_nnunet_evaluation():
+        find_best_configuration_entry_point()
+
+
 def write_validation_summary(validation_folder: str, dataset_json: Optional[str], summary: Optional[dict] = None,
                              **evaluate_kwargs) -> dict:
-    """For the trainers' final validation: evaluate ``validation_folder`` against the fold's ground truth on the
-    annotated classes and overwrite nnU-Net's ``validation/summary.json`` with it, so that
-    ``nnUNetv2_find_best_configuration`` ranks on annotated classes only. ``summary``: an evaluation already made
-    (e.g. the one written to ``validation/dsm``); else ``evaluate_kwargs`` go to ``evaluate_folder`` (ref_dir ...)."""
+    """For the trainers' final validation: overwrite nnU-Net's ``validation/summary.json`` with the figures on each
+    case's annotated classes. ``summary``: an evaluation already made (e.g. the one written to ``validation/dsm``);
+    else ``evaluate_kwargs`` (``ref_dir``, ``classes``, ...) go to ``evaluate_folder``."""
     if summary is None:
         from nnunetv2_dsm.evaluation.evaluate import evaluate_folder
         summary = evaluate_folder(pred_dir=validation_folder, dataset_json=dataset_json, write=False,
-                                  **evaluate_kwargs)
+                                  **{"skip_missing": True, **evaluate_kwargs})
     return write_nnunet_summary(summary, os.path.join(validation_folder, "summary.json"))
