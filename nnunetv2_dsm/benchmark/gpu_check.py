@@ -1,0 +1,364 @@
+"""The GPU check of "training at scale" (run by scripts/gpu_check.sh on one GPU, offline, in minutes):
+
+(a) mamba-ssm kernel = PyTorch scan: outputs and gradients, the scan alone in float32 and the Mamba block under
+    autocast float16, at DSM's sequence lengths; plus the time of each (forward + backward);
+(b) one Stage 2 training step of the real trainer (``train_step``: autocast + GradScaler) at the 80×160×160
+    patch, batch 2, with each backend: finite loss, every gradient finite, the parameters without gradient;
+(c) training-step time and peak memory of Stage 2 against ``nnUNetTrainer`` on the same plans, with the kernels
+    and with the PyTorch scan, and (d) sliding-window prediction of a 300×512×512 CT against nnU-Net: both by
+    the project's benchmark (``python -m nnunetv2_dsm.benchmark``) in subprocesses, one per backend.
+
+Writes OUT/gpu_check.json and OUT/gpu_check.md (with the issue's targets: step ≤ 1.3×, memory ≤ 1.3×,
+prediction ≤ 1.2× nnU-Net, a 512×512×300 CT in < 60 s) and OUT/{kernel,torch}/benchmark.{md,json}. Every
+section is guarded: a failure is recorded and the next section runs; ``--budget`` seconds bound the benchmark
+subprocesses. ``--dry-run`` runs everything on the CPU at toy sizes (the PyTorch scan stands in for the
+kernels when mamba-ssm is absent): it checks the script, not the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from types import SimpleNamespace
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from nnunetv2_dsm.network import ssm_backend
+
+TARGETS = {"step": 1.3, "memory": 1.3, "predict": 1.2, "ct_seconds": 60.0}
+BACKEND_ENV = ssm_backend.BACKEND_ENV
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def guarded(res: Dict, key: str, fn: Callable[[], Dict]) -> None:
+    """res[key] = fn(), or {"error": ...} with the traceback in the log: one failing section never stops the rest."""
+    started = time.time()
+    try:
+        res[key] = fn()
+    except Exception as e:  # noqa: BLE001 - the report says what failed
+        traceback.print_exc()
+        res[key] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
+    res[key]["seconds"] = round(time.time() - started, 1)
+    log(f"{key}: {'FAILED ' + res[key]['error'] if 'error' in res[key] else 'done'} ({res[key]['seconds']} s)")
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """$nnUNet_dsm_ssm_backend = name for the duration (read by the network at every scan call)."""
+    old = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = old
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------------ (a) kernels vs torch
+def load_kernels(dry_run: bool):
+    """mamba-ssm's selective_scan_fn and how it was imported. The package import is tried first (what users get);
+    if it fails, the interface module is imported without mamba_ssm/__init__ (which pulls in Mamba2/3,
+    transformers, triton) so the kernels can still be measured. Dry run without mamba-ssm: the PyTorch scan."""
+    try:
+        import mamba_ssm  # noqa: F401
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        return selective_scan_fn, {"import": "package", "version": getattr(mamba_ssm, "__version__", "?")}
+    except Exception as e:  # noqa: BLE001
+        package_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    import importlib.util
+    import types
+    spec = importlib.util.find_spec("mamba_ssm")
+    if spec is None or not spec.submodule_search_locations:
+        if dry_run:
+            from nnunetv2_dsm.network.ssm import selective_scan
+            return selective_scan, {"import": "dry run: the PyTorch scan stands in", "package_error": package_error}
+        raise RuntimeError(f"mamba_ssm not importable: {package_error}")
+    for k in [k for k in sys.modules if k.split(".")[0] == "mamba_ssm"]:
+        del sys.modules[k]
+    pkg = types.ModuleType("mamba_ssm")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["mamba_ssm"] = pkg
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    return selective_scan_fn, {"import": "interface module only (mamba_ssm/__init__ skipped)",
+                               "package_error": package_error}
+
+
+def _scan_inputs(b: int, d: int, n: int, L: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    ins = dict(u=r(b, d, L), delta=0.5 * r(b, d, L), B=r(b, n, L), C=r(b, n, L), z=r(b, d, L), D=r(d),
+               delta_bias=r(d) - 2.0)
+    ins = {k: v.to(device).requires_grad_() for k, v in ins.items()}
+    A = -torch.exp(torch.randn(d, n, generator=g) * 0.5).to(device).requires_grad_()
+    return ins, A
+
+
+def _fwd_bwd(scan, ins, A, timed: bool, device):
+    sync(device)
+    t = time.perf_counter()
+    y = scan(ins["u"], ins["delta"], A, ins["B"], ins["C"], ins["D"], z=ins["z"], delta_bias=ins["delta_bias"],
+             delta_softplus=True)
+    grads = torch.autograd.grad(y.float().square().mean(), [*ins.values(), A])
+    sync(device)
+    return y.detach(), grads, (time.perf_counter() - t) if timed else None
+
+
+def check_kernels(device: torch.device, lengths: Sequence[int], dry_run: bool, d_inner: int = 50,
+                  d_state: int = 16, batch: int = 2) -> Dict:
+    from nnunetv2_dsm.network.ssm import Mamba, selective_scan
+    kernel, how = load_kernels(dry_run)
+    out = {"import": how, "scan_fp32": [], "mamba_block_autocast_fp16": [], "tolerance": {"fp32": 1e-3,
+                                                                                          "fp16": 2e-2}}
+    for L in lengths:
+        ins, A = _scan_inputs(batch, d_inner, d_state, L, device)
+        row = {"shape_b_d_n_L": [batch, d_inner, d_state, L]}
+        for name, scan in (("kernel", kernel), ("torch", selective_scan)):
+            _fwd_bwd(scan, ins, A, False, device)  # warm-up
+            row[name] = _fwd_bwd(scan, ins, A, True, device)
+        (yk, gk, tk), (yt, gt, tt) = row.pop("kernel"), row.pop("torch")
+        row.update(output_rel_err=rel(yk, yt), grad_rel_err=max(rel(a, b) for a, b in zip(gk, gt)),
+                   kernel_ms=round(tk * 1e3, 2), torch_ms=round(tt * 1e3, 2))
+        row["pass"] = row["output_rel_err"] < 1e-3 and row["grad_rel_err"] < 1e-3
+        out["scan_fp32"].append(row)
+        log(f"(a) scan fp32 L={L}: {row}")
+    # the Mamba block as the network runs it, under autocast fp16, kernels through ssm_backend vs the torch scan
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    for L in lengths[:2]:
+        torch.manual_seed(0)
+        block = Mamba(d_inner // 2).to(device)
+        x = torch.randn(batch, L, d_inner // 2, device=device)
+        results = {}
+        for name in ("mamba", "torch"):
+            with backend(name if not (dry_run and name == "mamba") else "auto"):
+                block.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=dtype):
+                    y = block(x)
+                y.float().square().mean().backward()
+                results[name] = (y.detach().float(), [p.grad.detach().clone() for p in block.parameters()],
+                                 ssm_backend.backend_description(device))
+        (yk, gk, dk), (yt, gt, _) = results["mamba"], results["torch"]
+        row = {"L": L, "autocast": str(dtype), "backend": dk, "output_rel_err": rel(yk, yt),
+               "grad_rel_err": max(rel(a, b) for a, b in zip(gk, gt)),
+               "finite": bool(torch.isfinite(yk).all()) and all(bool(torch.isfinite(g).all()) for g in gk)}
+        row["pass"] = row["finite"] and row["output_rel_err"] < 2e-2 and row["grad_rel_err"] < 2e-2
+        out["mamba_block_autocast_fp16"].append(row)
+        log(f"(a) Mamba block autocast L={L}: {row}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ (b) one training step
+def check_train_step(device: torch.device, patch: Sequence[int], batch_size: int, tiny: bool) -> Dict:
+    from .plans import nnunet_environment, prepare_plans
+    from .runner import make_batch, make_trainer
+    out = {"patch": list(patch), "batch_size": batch_size}
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir, nnunet_environment(workdir):
+        args = SimpleNamespace(plans=None, configuration="3d_fullres", tiny=tiny, patch=list(patch),
+                               batch_size=batch_size, device=device.type, threads=None, seed=0)
+        setup = prepare_plans(args, workdir)
+        for name in ("mamba", "torch"):
+            with backend(name if device.type == "cuda" else "torch"):
+                tr = make_trainer("dsm_stage2", setup)
+                batch = make_batch(tr, setup, 0)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                scale = tr.grad_scaler.get_scale() if tr.grad_scaler is not None else None
+                loss = float(tr.train_step(batch)["loss"])
+                params = [(n, p) for n, p in tr.network.named_parameters() if p.requires_grad]
+                row = {"backend": ssm_backend.backend_description(device), "loss": loss,
+                       "loss_finite": bool(torch.isfinite(torch.tensor(loss))),
+                       "grads_finite": all(bool(torch.isfinite(p.grad).all()) for _, p in params if p.grad is not None),
+                       "params_without_grad": [n for n, p in params if p.grad is None],
+                       "grad_scaler": None if scale is None else {"before": scale, "after": tr.grad_scaler.get_scale()},
+                       "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+                       if device.type == "cuda" else None}
+                row["pass"] = row["loss_finite"] and row["grads_finite"] and not row["params_without_grad"]
+                out[name] = row
+                log(f"(b) Stage 2 train_step ({name}): {row}")
+                del tr, batch
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return out
+
+
+# --------------------------------------------------------------------------------- (c), (d) the benchmark runs
+def run_benchmark(out_dir: str, backend_name: str, sections: Sequence[str], bench_args: Sequence[str],
+                  timeout: float) -> Dict:
+    """``python -m nnunetv2_dsm.benchmark`` in a subprocess with $nnUNet_dsm_ssm_backend = backend_name."""
+    if timeout < 30:
+        return {"error": "skipped: no time left in --budget"}
+    cmd = [sys.executable, "-m", "nnunetv2_dsm.benchmark", "--only", *sections, "--networks", "dsm_stage2",
+           "-o", out_dir, *bench_args]
+    log(f"benchmark ({BACKEND_ENV}={backend_name}, ≤ {timeout:.0f} s): {' '.join(cmd[1:])}")
+    env = dict(os.environ, **{BACKEND_ENV: backend_name})
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "partial": _load(out_dir, "benchmark.partial.json")}
+    res = _load(out_dir, "benchmark.json")
+    if proc.returncode != 0 or res is None:
+        return {"error": f"exit code {proc.returncode}", "partial": _load(out_dir, "benchmark.partial.json")}
+    return summarize_benchmark(res)
+
+
+def _load(folder: str, name: str) -> Optional[Dict]:
+    try:
+        with open(os.path.join(folder, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def summarize_benchmark(res: Dict) -> Dict:
+    """The figures the issue asks for, from a benchmark.json: medians, ratios to nnU-Net, the targets."""
+    out: Dict = {"ssm_backend": res.get("machine", {}).get("ssm_backend")}
+    step = res.get("step", {}).get("networks", {})
+    if "dsm_stage2" in step and "nnunet" in step:
+        s, n = step["dsm_stage2"]["seconds"]["median"], step["nnunet"]["seconds"]["median"]
+        out["step"] = {"stage2_s": s, "nnunet_s": n, "ratio": s / n, "target": TARGETS["step"]}
+    mem = res.get("memory", {}).get("networks", {})
+    if "dsm_stage2" in mem and "nnunet" in mem:
+        key = "cuda_max_allocated_mb" if "cuda_max_allocated_mb" in mem["nnunet"] else "delta_rss_mb"
+        s, n = mem["dsm_stage2"].get(key), mem["nnunet"].get(key)
+        out["memory"] = {"measure": key, "stage2_mb": s, "nnunet_mb": n, "ratio": s / n if s and n else None,
+                         "target": TARGETS["memory"], "error": mem["dsm_stage2"].get("error")}
+    pred = res.get("predict", {})
+    if "dsm_stage2" in pred.get("networks", {}) and "nnunet" in pred.get("networks", {}):
+        s = pred["networks"]["dsm_stage2"]["seconds"]["median"]
+        n = pred["networks"]["nnunet"]["seconds"]["median"]
+        out["predict"] = {"volume": pred.get("volume"), "tiles": pred.get("tiles"), "stage2_s": s, "nnunet_s": n,
+                          "ratio": s / n, "target": TARGETS["predict"], "ct_target_s": TARGETS["ct_seconds"]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def _ok(flag) -> str:
+    return "–" if flag is None else ("PASS" if flag else "FAIL")
+
+
+def _fmt(x, digits: int = 3) -> str:
+    return "–" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
+
+
+def render_markdown(res: Dict) -> str:
+    lines = [f"# GPU check ({res['machine'].get('gpu', 'no GPU')}, torch {res['machine']['torch']}, "
+             f"{res['started']})", ""]
+    if res.get("dry_run"):
+        lines += ["**Dry run on the CPU at toy sizes: these figures check the script, not the GPU.**", ""]
+    for key in ("build", "kernels", "train_step", "bench_kernel", "bench_torch"):
+        if "error" in res.get(key, {}):
+            lines.append(f"- **{key} failed**: {res[key]['error']}")
+    k = res.get("kernels", {})
+    if "scan_fp32" in k:
+        lines += ["", f"## (a) mamba-ssm kernel vs PyTorch scan (import: {k['import'].get('import')})", "",
+                  "| check | length | output rel. err | max grad rel. err | kernel ms | torch ms | |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in k["scan_fp32"]:
+            lines.append(f"| scan fp32 | {r['shape_b_d_n_L'][3]} | {_fmt(r['output_rel_err'])} | "
+                         f"{_fmt(r['grad_rel_err'])} | {r['kernel_ms']} | {r['torch_ms']} | {_ok(r['pass'])} |")
+        for r in k.get("mamba_block_autocast_fp16", []):
+            lines.append(f"| Mamba block {r['autocast']} | {r['L']} | {_fmt(r['output_rel_err'])} | "
+                         f"{_fmt(r['grad_rel_err'])} | | | {_ok(r['pass'])} |")
+    t = res.get("train_step", {})
+    if "mamba" in t:
+        lines += ["", f"## (b) one Stage 2 train_step, patch {t['patch']}, batch {t['batch_size']}", "",
+                  "| backend | loss | finite loss / grads | params without grad | GradScaler scale | peak GiB | |",
+                  "|---|---|---|---|---|---|---|"]
+        for name in ("mamba", "torch"):
+            r = t[name]
+            lines.append(f"| {r['backend']} | {_fmt(r['loss'], 5)} | {r['loss_finite']} / {r['grads_finite']} | "
+                         f"{len(r['params_without_grad'])} | {r['grad_scaler']} | {r['peak_allocated_gib']} | "
+                         f"{_ok(r['pass'])} |")
+    rows = []
+    for key, label in (("bench_kernel", "kernels"), ("bench_torch", "PyTorch scan")):
+        b = res.get(key, {})
+        if "step" in b:
+            rows.append(f"| Stage 2 step ({label}) | {_fmt(b['step']['stage2_s'])} s | {_fmt(b['step']['nnunet_s'])} s"
+                        f" | {_fmt(b['step']['ratio'])}× | ≤ {TARGETS['step']}× | {_ok(b['step']['ratio'] <= TARGETS['step'])} |")
+        if b.get("memory", {}).get("ratio") is not None:
+            m = b["memory"]
+            rows.append(f"| Stage 2 step memory ({label}, {m['measure']}) | {_fmt(m['stage2_mb'])} MB | "
+                        f"{_fmt(m['nnunet_mb'])} MB | {_fmt(m['ratio'])}× | ≤ {TARGETS['memory']}× | "
+                        f"{_ok(m['ratio'] <= TARGETS['memory'])} |")
+        if "predict" in b:
+            p = b["predict"]
+            rows.append(f"| prediction {p['volume']} ({label}, {p['tiles']} tiles) | {_fmt(p['stage2_s'])} s | "
+                        f"{_fmt(p['nnunet_s'])} s | {_fmt(p['ratio'])}× | ≤ {TARGETS['predict']}×, < "
+                        f"{TARGETS['ct_seconds']:.0f} s | {_ok(p['ratio'] <= TARGETS['predict'] and p['stage2_s'] < TARGETS['ct_seconds'])} |")
+    if rows:
+        lines += ["", "## (c), (d) against nnUNetTrainer on the same plans", "",
+                  "| measure | DSM Stage 2 | nnU-Net | ratio | target | |", "|---|---|---|---|---|---|", *rows]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    p = argparse.ArgumentParser(prog="python -m nnunetv2_dsm.benchmark.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("-o", "--out", default="gpu_check_out")
+    p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks the script, not the GPU")
+    p.add_argument("--budget", type=float, default=330.0,
+                   help="seconds for the benchmark subprocesses, (c) and (d), together (default 330)")
+    p.add_argument("--build-json", help="the build step's result (JSON) to include in the report")
+    args = p.parse_args(argv)
+    started = time.time()
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device (use --dry-run on a CPU)")
+    patch, batch, volume = ([32, 48, 48], 2, [40, 64, 64]) if args.dry_run else ([80, 160, 160], 2, [300, 512, 512])
+    lengths = [300, 2000] if args.dry_run else [500, 4000, 32000]
+    os.makedirs(args.out, exist_ok=True)
+    res: Dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "dry_run": args.dry_run,
+                 "machine": {"torch": torch.__version__, "cuda": torch.version.cuda,
+                             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None}}
+    if args.build_json:
+        res["build"] = _load(os.path.dirname(args.build_json) or ".", os.path.basename(args.build_json)) or \
+            {"error": f"no build result at {args.build_json}"}
+
+    def save():
+        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+            f.write(render_markdown(res))
+
+    guarded(res, "kernels", lambda: check_kernels(device, lengths, args.dry_run))
+    save()
+    guarded(res, "train_step", lambda: check_train_step(device, patch, batch, tiny=args.dry_run))
+    save()
+    common = ["--device", device.type, "--patch", *map(str, patch), "--batch-size", str(batch),
+              "--volume", *map(str, volume), "--reps", "1" if args.dry_run else "3", "--warmup", "1",
+              "--predict-reps", "1"] + (["--tiny", "--threads", "1"] if args.dry_run else [])
+    deadline = time.time() + args.budget
+    guarded(res, "bench_kernel", lambda: run_benchmark(os.path.join(args.out, "kernel"), "auto",
+                                                       ["memory", "step", "predict"], common,
+                                                       (deadline - time.time()) * 0.7))
+    save()
+    guarded(res, "bench_torch", lambda: run_benchmark(os.path.join(args.out, "torch"), "torch",
+                                                      ["memory", "step"], common, deadline - time.time()))
+    res["wall_seconds"] = round(time.time() - started, 1)
+    save()
+    print(render_markdown(res), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()
