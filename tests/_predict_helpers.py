@@ -68,9 +68,15 @@ def build_model_folder(results: Path, dataset: str = "Dataset997_DSMPredict", se
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """$nnUNet_results (dataset 997) holding the random-weight model, set in the environment for the module."""
+    """$nnUNet_results (dataset 997) holding the random-weight model, set in the environment for the module: a copy
+    of one built per test session (building takes seconds; the copy keeps modules independent)."""
+    import shutil
+    built = tmp_path_factory.getbasetemp() / "dsm_predict_model"
+    if not (built / "results").is_dir():
+        build_model_folder(built / "partial")
+        os.replace(built / "partial", built / "results")
     root = tmp_path_factory.mktemp("model")
-    build_model_folder(root / "results")
+    shutil.copytree(built / "results", root / "results")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("nnUNet_results", str(root / "results"))
         mp.setenv("nnUNet_preprocessed", str(root / "preprocessed"))

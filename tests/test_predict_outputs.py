@@ -60,3 +60,16 @@ def test_statistics_masks_preview_and_roi_subset(model, tmp_path):
     assert lines[6].endswith('"Liver"')
     png = Image.open(out / "preview" / "abdomen.png")
     assert png.mode == "RGB" and png.width > png.height > 32
+
+
+def test_parts_and_continue_prediction(model, tmp_path, capsys):
+    for name, seed in (("a", 4), ("b", 5)):
+        sitk.WriteImage(phantom_lps(seed=seed), str(tmp_path / f"{name}.nii.gz"))
+    out = tmp_path / "out"
+    assert predict(tmp_path, out, "-num_parts", "2", "-part_id", "1") == 0
+    assert not (out / "a.nii.gz").exists() and (out / "b.nii.gz").is_file()
+    capsys.readouterr()
+    assert predict(tmp_path, out, "--continue_prediction") == 0
+    printed = capsys.readouterr().out
+    assert ", 1 to predict" in printed and "predicting a" in printed and "predicting b" not in printed
+    assert (out / "a.nii.gz").is_file()

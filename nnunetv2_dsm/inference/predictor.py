@@ -111,6 +111,10 @@ def prompt_embeddings(prompts: Sequence[str], model_folder: str, opts: PredictOp
     info_file = os.path.join(model_folder, TEXT_INFO_FILE)
     info = json.load(open(info_file)) if os.path.isfile(info_file) else {}
     weights = opts.clip_weights or info.get("weights")
+    if not info:
+        print(f"WARNING: {info_file} is missing (a model installed from nnUNetv2_export_model_to_zip, which leaves it "
+              f"out?): prompts are embedded with the default CLIP model and weights, which may not be the ones this "
+              f"model was trained with. Share DSM models with nnUNetv2_dsm_export_model_to_zip.")
     if info and not info.get("trained_weights", True) and not opts.clip_weights:
         print(f"WARNING: this model was trained with UNTRAINED (random) CLIP text embeddings ({info.get('weights')}): "
               f"free-text prompts are matched to queries by random vectors, not by meaning.")
