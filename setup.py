@@ -35,8 +35,9 @@ setup(
         "huggingface_hub",
     ],
     extras_require={
-        # CUDA-only kernels; the package falls back to its own selective scan without them
-        "mamba": ["mamba-ssm>=1.2", "causal-conv1d>=1.2"],
+        # CUDA-only selective-scan kernels (README "Building the mamba-ssm kernels"); without them, or when they
+        # fail, the package runs its own selective scan. causal-conv1d is not used (the conv is nn.Conv1d).
+        "mamba": ["mamba-ssm>=1.2"],
         # nnUNetv2_dsm_predict --output_type dicom_seg
         "dicom": ["highdicom>=0.22"],
         # the tests compare AUROC/FPR95 with scikit-learn and read DICOM-SEG back with highdicom
