@@ -1,7 +1,6 @@
 """nnUNetv2_dsm_predict on any input: files of any name, any orientation, DICOM series. A random-weight Stage 2
 model from tiny plans (no training) is enough: the assertions are about geometry, not accuracy."""
 import numpy as np
-import pytest
 import SimpleITK as sitk
 
 from _predict_helpers import model, phantom_lps, predict, reoriented, write_dicom_series  # noqa: F401 (fixture)
@@ -42,6 +41,7 @@ def test_same_ct_in_any_orientation_gives_the_same_world_space_segmentation(mode
 def test_dicom_series_gives_the_same_result_as_its_nifti(model, tmp_path):
     ct = phantom_lps(seed=1)
     write_dicom_series(ct, tmp_path / "series" / "CT_1")
+    (tmp_path / "series" / "CT_1" / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # an index: ignored
     sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
     assert predict(tmp_path / "series", tmp_path / "out_dicom") == 0   # a folder of DICOM series folders
     assert predict(tmp_path / "ct.nii.gz", tmp_path / "out_nifti") == 0  # a single file of any name

@@ -50,7 +50,10 @@ def image_stem(name: str) -> Optional[str]:
 
 
 def is_dicom_file(path: str) -> bool:
-    """A ``.dcm`` file, or a file with DICOM's ``DICM`` marker at byte 128 (series often come without ending)."""
+    """A ``.dcm`` file, or a file with DICOM's ``DICM`` marker at byte 128 (series often come without ending); not a
+    ``DICOMDIR`` index."""
+    if os.path.basename(path).upper() == "DICOMDIR":
+        return False
     if path.lower().endswith(".dcm"):
         return True
     try:
