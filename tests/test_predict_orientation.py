@@ -69,6 +69,14 @@ def test_bad_input_exits_2_naming_the_file(model, tmp_path, capsys):
                                                                              tmp_path / "o")
     assert "-step_size must lie in (0, 1]" in _fails(capsys, tmp_path / "slice.nii.gz", tmp_path / "o",
                                                      "-step_size", "0")
+    # in a folder of several cases, an unusable one is skipped: the others are predicted, exit status 1
+    (tmp_path / "batch").mkdir()
+    sitk.WriteImage(ct, str(tmp_path / "batch" / "good.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((28, 32), np.int16)), str(tmp_path / "batch" / "flat.nii.gz"))
+    assert predict(tmp_path / "batch", tmp_path / "o_batch") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 of 2 cases could not be read" in err[0] and "flat.nii.gz is a 2D image" in err[0]
+    assert (tmp_path / "o_batch" / "good.nii.gz").is_file()
 
 
 def test_unknown_dataset_and_missing_gpu_are_one_line_errors(model, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import sys
 
 import torch
 
@@ -135,16 +136,21 @@ def _user_errors():
 
 
 @cli_entry(PROG, _user_errors())
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     opts = _options(args)
     folds = _folds(args.f)
     device = _device(args.device)
     from nnunetv2_dsm.cli.train import ensure_ext_trainer_env
     ensure_ext_trainer_env()
-    from nnunetv2_dsm.inference.predictor import predict
-    predict(args.i, args.o, _model_folder(args), folds, args.chk, device, args.step_size, not args.disable_tta, opts,
-            args.npp, args.verbose)
+    from nnunetv2_dsm.cli.errors import EXIT_PARTIAL_FAILURE, one_line
+    from nnunetv2_dsm.inference.predictor import PartialPredictionError, predict
+    try:
+        predict(args.i, args.o, _model_folder(args), folds, args.chk, device, args.step_size, not args.disable_tta,
+                opts, args.npp, args.verbose)
+    except PartialPredictionError as e:
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_PARTIAL_FAILURE
 
 
 if __name__ == "__main__":

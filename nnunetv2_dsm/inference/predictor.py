@@ -36,7 +36,7 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2_dsm.cli.errors import UserError
 from nnunetv2_dsm.inference.export import (atomic_target, atomic_write_text, label_map, resampled_channels,
                                            to_input_grid, to_original_grid, write_float_image, write_seg)
-from nnunetv2_dsm.inference.inputs import InputCase, find_cases, load_case, select_part
+from nnunetv2_dsm.inference.inputs import InputCase, InputError, find_cases, load_case, select_part
 from nnunetv2_dsm.inference.open_vocabulary import OpenVocabularyOutputs
 from nnunetv2_dsm.inference.outputs import (CLEAN_NAMES, PREVIEW_FOLDER, STATISTICS_FOLDER, class_statistics,
                                             write_label_tables, write_preview)
@@ -48,6 +48,10 @@ OUTPUT_TYPES = ("nifti", "dicom_seg")
 
 class PredictionError(UserError):
     """Bad input for nnUNetv2_dsm_predict; the message names the file or folder and the fix."""
+
+
+class PartialPredictionError(RuntimeError):
+    """Some cases could not be read (each named with the reason); all others were predicted (exit status 1)."""
 
 
 def slug(text: str) -> str:
@@ -253,12 +257,15 @@ def preprocessed_cases(cases: Sequence[InputCase], predictor, workers: int = 1
                        ) -> Iterator[Tuple[InputCase, torch.Tensor, dict, np.ndarray]]:
     """Yield, in order, (case, data (C, *resampled grid) float32, nnU-Net properties, CT (z, y, x) on the LPS grid):
     read, checked and reoriented (``inputs.load_case``), then nnU-Net's preprocessing; up to ``workers`` cases are
-    prepared ahead in threads (nnU-Net's -npp)."""
+    prepared ahead in threads (nnU-Net's -npp). A case whose input is unusable yields (case, None, message, None)."""
     pm, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
     preprocessor = cm.preprocessor_class(verbose=predictor.verbose)
 
     def prepare(case: InputCase):
-        image, props = load_case(case)
+        try:
+            image, props = load_case(case)
+        except InputError as e:
+            return case, None, str(e), None
         data, _, props = preprocessor.run_case_npy(image, None, props, pm, cm, dj)
         return case, torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), props, image[0]
 
@@ -319,8 +326,13 @@ def predict(input_path: str, output_folder: str, model_folder: str, folds, check
                       f"{r['similarity']:.3f}, weight {r['weight']:.2f}), {r['voxels']} voxels")
             atomic_write_text(report_file, json.dumps(report, indent=1))
 
+    failed: Dict[str, str] = {}
     with ThreadPoolExecutor(max(1, opts.num_processes_export)) as exporter:
         for case, data, props, image in preprocessed_cases(todo, predictor, num_processes_preprocessing):
+            if data is None:
+                print(f"skipping {case.case_id}: {props}")
+                failed[case.case_id] = props
+                continue
             print(f"predicting {case.case_id} ({case.source})")
             extras.reset_stats()
             logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
@@ -331,4 +343,11 @@ def predict(input_path: str, output_folder: str, model_folder: str, folds, check
                 finish(*pending.popleft())
         while pending:
             finish(*pending.popleft())
+    if failed and len(failed) == len(todo):
+        raise PredictionError(next(iter(failed.values())) if len(failed) == 1 else
+                              "no case could be read: " + "; ".join(f"{c}: {m}" for c, m in failed.items()))
+    if failed:
+        raise PartialPredictionError(f"{len(failed)} of {len(todo)} cases could not be read and were skipped (the "
+                                     f"others are in {output_folder}): " +
+                                     "; ".join(f"{c}: {m}" for c, m in failed.items()))
     return report
