@@ -5,6 +5,7 @@ import SimpleITK as sitk
 
 from _predict_helpers import model, phantom_lps, predict, reoriented, write_dicom_series  # noqa: F401 (fixture)
 from nnunetv2_dsm.cli.predict import main
+from nnunetv2_dsm.inference.inputs import Reorientation
 
 
 def same_grid(a: sitk.Image, b: sitk.Image) -> None:
@@ -24,7 +25,7 @@ def test_same_ct_in_any_orientation_gives_the_same_world_space_segmentation(mode
     (tmp_path / "in").mkdir()
     for name, img in inputs.items():
         sitk.WriteImage(img, str(tmp_path / "in" / f"{name}.nii.gz"))
-    assert predict(tmp_path / "in", tmp_path / "out", "--save_anomaly_maps") == 0
+    assert predict(tmp_path / "in", tmp_path / "out", "--save_anomaly_maps", "--save_probabilities") == 0
     for name, img in inputs.items():  # every output on its input's own grid
         same_grid(sitk.ReadImage(str(tmp_path / "out" / f"{name}.nii.gz")), img)
         same_grid(sitk.ReadImage(str(tmp_path / "out" / "anomaly_maps" / f"{name}.nii.gz")), img)
@@ -34,6 +35,11 @@ def test_same_ct_in_any_orientation_gives_the_same_world_space_segmentation(mode
     for n in ("ras", "permuted"):
         np.testing.assert_array_equal(seg[n], seg["lps"])
         np.testing.assert_allclose(anomaly[n], anomaly["lps"], atol=1e-5)
+    # nnU-Net's npz: (45, *the input's own array shape), the same probabilities in world space
+    probs = {n: np.load(tmp_path / "out" / f"{n}.npz")["probabilities"] for n in inputs}
+    for n, img in inputs.items():
+        assert probs[n].shape == (45, *sitk.GetArrayFromImage(img).shape)
+        np.testing.assert_allclose(Reorientation.of(img).to_canonical(probs[n]), probs["lps"], atol=1e-6)
     # the prediction is not left/right symmetric, so a mirrored (unreoriented) one would have failed above
     assert np.abs(anomaly["lps"] - anomaly["lps"][..., ::-1]).max() > 1e-2
 
