@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from nnunetv2_dsm.cli.errors import UserError
-from nnunetv2_dsm.labels import CLASS_NAMES, NUM_CLASSES, NUM_ORGANS, decode
+from nnunetv2_dsm.labels import CLASS_NAMES, MAX_LABEL, NUM_CLASSES, NUM_ORGANS, decode
 
 PRIVATE_SCHEME = "99NNUNETV2DSM"
 
@@ -69,13 +69,14 @@ def write_dicom_seg(seg_zyx: np.ndarray, series_folder: str, path: str, classes:
         raise UserError(f"--output_type dicom_seg needs a DICOM series as input; {series_folder} is a file "
                         f"(use the default NIfTI output for it)")
     sources = sorted_series(series_folder)
-    multi_hot = decode(seg_zyx)                                  # (45, frames, rows, columns)
-    if len(sources) != multi_hot.shape[1] or (sources[0].Rows, sources[0].Columns) != multi_hot.shape[2:]:
+    if len(sources) != seg_zyx.shape[0] or (sources[0].Rows, sources[0].Columns) != seg_zyx.shape[1:]:
         raise UserError(f"{series_folder}: the series ({len(sources)} slices) does not match the predicted grid "
-                        f"{multi_hot.shape[1:]}")
-    chosen = list(classes) if classes else [c for c in range(NUM_CLASSES) if multi_hot[c].any()]
+                        f"{seg_zyx.shape}")
+    lut = decode(np.arange(MAX_LABEL + 1))                       # (45, codes): code v marks class c
+    present = lut[:, np.bincount(seg_zyx.ravel(), minlength=MAX_LABEL + 1) > 0].any(1)
+    chosen = list(classes) if classes else [c for c in range(NUM_CLASSES) if present[c]]
     chosen = chosen or [0]                                       # an object needs a segment: an empty first class
-    pixels = np.moveaxis(multi_hot[chosen], 0, -1).astype(np.uint8)  # (frames, rows, columns, segments)
+    pixels = np.stack([lut[c][seg_zyx] for c in chosen], -1).astype(np.uint8)  # (frames, rows, columns, segments)
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment_description(hd, c, i + 1) for i, c in enumerate(chosen)],
