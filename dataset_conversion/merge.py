@@ -11,7 +11,8 @@ Train cases go to imagesTr/labelsTr; test and inference cases to imagesTs/labels
 Every labelled case is listed in the merged manifest with its source, annotated classes, stage and subset; the
 split parameters are recorded under ``dsm_split``. Unlabelled test images of the inputs (their imagesTs) are not
 merged. Files are hard links to the converted datasets where the filesystem allows, else symlinks, else copies, so
-the merge costs (almost) no disk. Re-running is idempotent; files are placed with ``os.replace``.
+the merge costs (almost) no disk. Re-running is idempotent; files are placed with ``os.replace``
+(:func:`nnunetv2_dsm.io_utils.atomic_target`).
 
 Merge deletes or replaces only files it placed itself (recorded in ``<dataset>/.dsm_merge/written.json``); any other
 file or folder in the merged imagesTr/labelsTr/imagesTs/labelsTs makes it refuse, naming it. One run at a time per
@@ -32,12 +33,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from nnunetv2_dsm.cli.errors import writable_dir
+from nnunetv2_dsm.io_utils import atomic_save_json, atomic_target
 from nnunetv2_dsm.labels import dataset_json_labels, regions_class_order
 from nnunetv2_dsm.manifest import MANIFEST_KEY, ManifestError, SUBSETS, load_manifest, make_entry, make_manifest
 
 from .outputs import WrittenRecord, foreign_entries, output_lock, refuse_foreign
 from .spec import InputError
-from .writer import FILE_ENDING, atomic_write_text, dataset_folder, raw_root
+from .writer import FILE_ENDING, dataset_folder, raw_root
 
 LINK_MODES = ("auto", "hardlink", "symlink", "copy")
 SPLIT_SOURCES = ("btcv", "lits", "kits")
@@ -165,6 +167,11 @@ def _find(folder: Path, case_id: str, kind: str) -> Path:
                      f"nnUNetv2_dsm_convert for that dataset.")
 
 
+_PLACERS = {"hardlink": os.link,
+            "symlink": lambda src, tmp: os.symlink(os.path.abspath(src), tmp),
+            "copy": shutil.copy2}
+
+
 def place(src: Path, dst: Path, mode: str, tmp_dir: Path) -> Optional[str]:
     """Put ``src`` at ``dst`` as a hard link, symlink or copy (``auto``: the first that works). Returns the method
     used, or None if ``dst`` already is that file."""
@@ -173,21 +180,13 @@ def place(src: Path, dst: Path, mode: str, tmp_dir: Path) -> Optional[str]:
             return None
         if mode == "copy" and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
             return None
-    tmp = tmp_dir / f"{os.getpid()}_{dst.name}"
-    tmp.unlink(missing_ok=True)
     tries = {"auto": ("hardlink", "symlink", "copy")}.get(mode, (mode,))
     for how in tries:
         try:
-            if how == "hardlink":
-                os.link(src, tmp)
-            elif how == "symlink":
-                os.symlink(os.path.abspath(src), tmp)
-            else:
-                shutil.copy2(src, tmp)
-            os.replace(tmp, dst)
+            with atomic_target(dst, tmp_dir, fsync=how == "copy") as tmp:
+                _PLACERS[how](src, tmp)
             return how
         except OSError:
-            tmp.unlink(missing_ok=True)
             if how == tries[-1]:
                 raise
     return None
@@ -300,5 +299,5 @@ def _write_merged_json(out: Path, name: str, folders: List[Path], entries: dict,
                       "counts": counts},
         "dsm_merge": {"inputs": [f.name for f in folders]},
     }
-    atomic_write_text(out / "dataset.json", json.dumps(ds, indent=2, sort_keys=False) + "\n", out / STATE_DIR / "tmp")
+    atomic_save_json(out / "dataset.json", ds, out / STATE_DIR / "tmp", indent=2, skip_unchanged=True)
     shutil.rmtree(out / STATE_DIR / "tmp", ignore_errors=True)

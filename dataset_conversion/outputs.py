@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Set
 
 from nnunetv2_dsm.cli.errors import OutputLockedError
+from nnunetv2_dsm.io_utils import atomic_save_json
 
 try:  # POSIX; on other systems runs are not locked
     import fcntl
@@ -70,9 +71,8 @@ class WrittenRecord:
 
     def save(self, paths: Iterable[Path]) -> None:
         """Replace the record with ``paths`` (atomically)."""
-        from .writer import atomic_write_text
         self.names = {self.rel(p) for p in paths}
-        atomic_write_text(self.path, json.dumps(sorted(self.names), indent=0) + "\n", self.tmp_dir)
+        atomic_save_json(self.path, sorted(self.names), self.tmp_dir, indent=0, skip_unchanged=True)
 
 
 def foreign_entries(folders: Iterable[Path], is_ours) -> list:

@@ -6,7 +6,8 @@ has the same array orientation; ``keep_orientation`` turns this off), and write 
 
 Atomic, resumable, idempotent:
 
-* every file is written under ``<dataset>/.dsm_convert/tmp/`` and moved into place with ``os.replace``, so
+* every file is written under ``<dataset>/.dsm_convert/tmp/`` and moved into place with ``os.replace``
+  (:mod:`nnunetv2_dsm.io_utils`), so
   imagesTr/labelsTr never hold a partial file;
 * before a case's files are written its record ``.dsm_convert/done/<case>.json`` claims them; after they are in
   place the record is completed (also atomically) with a fingerprint of its input files (relative path, size,
@@ -42,8 +43,9 @@ from typing import Dict, List, Optional
 
 import SimpleITK as sitk
 
-from nnunetv2_dsm.labels import dataset_json_labels, regions_class_order
 from nnunetv2_dsm.cli.errors import writable_dir
+from nnunetv2_dsm.io_utils import atomic_save_json, atomic_target, atomic_write_text
+from nnunetv2_dsm.labels import dataset_json_labels, regions_class_order
 from nnunetv2_dsm.manifest import MANIFEST_KEY, case_id_problem, make_entry, make_manifest
 
 from . import readers
@@ -95,21 +97,10 @@ def dataset_folder(root: Path, dataset_id: int, name: str) -> Path:
     return out
 
 
-def atomic_write_text(path: Path, text: str, tmp_dir: Path) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (nothing if ``path`` already holds it)."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and path.read_text() == text:
-        return                                    # unchanged: keep the file (and its mtime) as it is
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.part"
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_image(img: sitk.Image, dst: Path, tmp_dir: Path, level: int) -> None:
-    tmp = tmp_dir / f"{os.getpid()}_{dst.name}"
-    sitk.WriteImage(img, str(tmp), True, level)
-    os.replace(tmp, dst)
+    """Write ``img`` compressed at ``level`` to ``dst`` atomically (temporary file in ``tmp_dir``)."""
+    with atomic_target(dst, tmp_dir) as tmp:
+        sitk.WriteImage(img, tmp, True, level)
 
 
 def _fingerprint(case: CaseFiles, input_dir: Path) -> List[list]:
@@ -213,13 +204,12 @@ def _convert_case(source: Source, case: CaseFiles, out: Path, input_dir: Path, o
     for p in outputs:
         p.parent.mkdir(parents=True, exist_ok=True)
     claim = {"case_id": case.case_id, "claimed": [p.name for p in outputs], "outputs": {}}
-    atomic_write_text(_record_path(out, case.case_id), json.dumps(claim), tmp_dir)   # ours before it exists
+    atomic_write_text(_record_path(out, case.case_id), json.dumps(claim), tmp_dir, skip_unchanged=True)  # ours first
     src = Path(case.image) if not isinstance(case.image, (list, tuple)) else None
     if (source.read_image is None and not reorient and src is not None and src.name.endswith(FILE_ENDING)
             and not nonfinite):
-        tmp = tmp_dir / f"{os.getpid()}_{outputs[0].name}"
-        shutil.copyfile(src, tmp)            # already nnU-Net-ready: copy the bytes, do not re-encode
-        os.replace(tmp, outputs[0])
+        with atomic_target(outputs[0], tmp_dir) as tmp:
+            shutil.copyfile(src, tmp)        # already nnU-Net-ready: copy the bytes, do not re-encode
     else:
         _write_image(image, outputs[0], tmp_dir, opts["compression_level"])
     if label is not None:
@@ -228,7 +218,7 @@ def _convert_case(source: Source, case: CaseFiles, out: Path, input_dir: Path, o
               "sha1": [_sha1(f) for f in case.input_files()],
               "options": options_key, "outputs": {p.name: p.stat().st_size for p in outputs},
               "annotated": annotated, "present": present, "test": case.test}
-    atomic_write_text(_record_path(out, case.case_id), json.dumps(record, indent=1), tmp_dir)
+    atomic_write_text(_record_path(out, case.case_id), json.dumps(record, indent=1), tmp_dir, skip_unchanged=True)
     warnings = ctx.notes.warnings + ([case.info["nonfinite_warning"]] if nonfinite else [])
     return CaseResult(case.case_id, "written", case.test, annotated, present, warnings=warnings)
 
@@ -396,7 +386,7 @@ def _write_dataset_json(source: Source, out: Path, summary: Summary, input_dir: 
                            "unknown_labels": opts["unknown_labels"],
                            "imagesTs": sorted(r.case_id for r in ok if r.test)},
     }
-    atomic_write_text(out / "dataset.json", json.dumps(ds, indent=2, sort_keys=False) + "\n", out / STATE_DIR / "tmp")
+    atomic_save_json(out / "dataset.json", ds, out / STATE_DIR / "tmp", indent=2, skip_unchanged=True)
 
 
 def convert_by_name(source_name: str, *args, **kwargs) -> Summary:
