@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 
+from nnunetv2_dsm.demo.sources import HELD_OUT_CLASS, HELD_OUT_PROMPT
+from nnunetv2_dsm.io_utils import atomic_target, atomic_write_text
 from nnunetv2_dsm.labels import CLASS_NAMES, NUM_ORGANS, decode, tumour_label
 
 TUMOUR_COLOURS = {"Liver Tumor": (1.0, 0.1, 0.1), "Kidney Tumor": (1.0, 0.0, 1.0), "Kidney Cyst": (0.0, 1.0, 1.0),
@@ -43,22 +46,22 @@ class ReportCase:
 
 
 def _read(path) -> Optional[np.ndarray]:
-    import SimpleITK as sitk
+    """The voxel array of an image file, or None when ``path`` is not given or not a file."""
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path))) if path and os.path.isfile(path) else None
 
 
 def write_prompt_labels(prompt_dir, out_dir, cases: Sequence[str], class_name: str) -> None:
     """Binary prompt masks ``prompt_dir/<case>.nii.gz`` → DSM label maps in ``out_dir`` (mask voxels = ``class_name``
     with its host not encoded), so nnUNetv2_dsm_evaluate can score the prompt like any prediction."""
-    import SimpleITK as sitk
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for case in cases:
-        img = sitk.ReadImage(str(Path(prompt_dir) / f"{case}.nii.gz"))
-        lab = (sitk.GetArrayFromImage(img) > 0).astype(np.uint8) * np.uint8(tumour_label(class_name))
-        out = sitk.GetImageFromArray(lab)
-        out.CopyInformation(img)
-        sitk.WriteImage(out, str(out_dir / f"{case}.nii.gz"), useCompression=True)
+        mask_image = sitk.ReadImage(str(Path(prompt_dir) / f"{case}.nii.gz"))
+        label = (sitk.GetArrayFromImage(mask_image) > 0).astype(np.uint8) * np.uint8(tumour_label(class_name))
+        label_image = sitk.GetImageFromArray(label)
+        label_image.CopyInformation(mask_image)
+        with atomic_target(out_dir / f"{case}.nii.gz") as tmp:
+            sitk.WriteImage(label_image, tmp, useCompression=True)
 
 
 def select_slice(reference: np.ndarray) -> int:
@@ -70,25 +73,25 @@ def select_slice(reference: np.ndarray) -> int:
 
 def _colour(label_slice: np.ndarray):
     """RGBA overlay of a DSM label slice (organs translucent, tumours on top) and the classes shown."""
-    import matplotlib
-    mh = decode(label_slice)                                   # (45, y, x)
+    import matplotlib  # lazy: matplotlib is an optional dependency, needed only for the demo's overlays
+    multi_hot = decode(label_slice)                            # (45, y, x)
     rgba, shown = np.zeros((*label_slice.shape, 4)), []
     tab = matplotlib.colormaps["tab20b"]
     for c in range(len(CLASS_NAMES)):                          # organs first, tumours drawn over them
-        if not mh[c].any():
+        if not multi_hot[c].any():
             continue
         name = CLASS_NAMES[c]
         rgb = TUMOUR_COLOURS.get(name, (1.0, 0.55, 0.0)) if c >= NUM_ORGANS else \
             ORGAN_COLOURS.get(name, tab(c % 20)[:3])
-        rgba[mh[c]] = (*rgb, 0.9 if c >= NUM_ORGANS else 0.45)
-        shown.append((name, rgb, int(mh[c].sum())))
+        rgba[multi_hot[c]] = (*rgb, 0.9 if c >= NUM_ORGANS else 0.45)
+        shown.append((name, rgb, int(multi_hot[c].sum())))
     return rgba, sorted(shown, key=lambda t: -t[2])
 
 
 def overlay_png(case: ReportCase, out_path, held_out: str = "Pancreas Tumor") -> Path:
     """One row of panels for ``case`` at :func:`select_slice`: image, reference, prediction, anomaly map (and the
     prompt mask when given), with a legend of the classes shown."""
-    import matplotlib
+    import matplotlib  # lazy: optional dependency, and the Agg backend must be chosen before pyplot is imported
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
@@ -130,8 +133,8 @@ def overlay_png(case: ReportCase, out_path, held_out: str = "Pancreas Tumor") ->
         fig.legend([Patch(color=c) for c in legend.values()], list(legend), loc="lower center", fontsize=7,
                    ncol=min(len(legend), 7), frameon=False)
     fig.tight_layout(rect=(0, 0.16 if legend else 0, 1, 0.95))
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=90)
+    with atomic_target(out_path) as tmp:          # matplotlib picks PNG from the temporary name's ending
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return Path(out_path)
 
@@ -210,9 +213,7 @@ def write_report(output_dir, *, header: Sequence[str], settings: Sequence[tuple]
         md += [f"### {case.case_id} ({case.subset}, {case.source})", "",
                f"![{case.case_id}]({png.relative_to(output_dir).as_posix()})", ""]
     path = output_dir / "report.md"
-    tmp = output_dir / "report.md.tmp"
-    tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(md) + "\n")
     return path
 
 
@@ -224,41 +225,44 @@ def load_summaries(eval_dir) -> Dict[str, Optional[dict]]:
 
 def collect_and_write(demo) -> Path:
     """Gather a :class:`~nnunetv2_dsm.demo.pipeline.Demo`'s results and call :func:`write_report`."""
-    from nnunetv2_dsm.demo.pipeline import CONFIG, DATASET, FOLD, PROMPT_SLUG
-    from nnunetv2_dsm.demo.sources import HELD_OUT_CLASS, HELD_OUT_PROMPT
-    from nnunetv2_dsm.training import demo_trainers, stage2, trainers
-    p, st = demo.preset, demo.state
+    from nnunetv2_dsm.demo.pipeline import CONFIG, DATASET, FOLD, PROMPT_SLUG  # lazy: the pipeline imports us
+    from nnunetv2_dsm.training import demo_trainers, stage2, trainers  # lazy: pulls nnU-Net's trainers in
+    preset, state = demo.preset, demo.state
     summaries = load_summaries(demo.eval_dir)
-    steps = [(s.name, st["steps"].get(s.name, {}).get("status", "not run"), st["steps"].get(s.name, {}).get("seconds"),
-              os.path.relpath(demo.log_path(s.name), demo.output) if demo.log_path(s.name).is_file() else "")
-             for s in demo.steps() if s.name != "report"]
+    steps = [(step.name, state["steps"].get(step.name, {}).get("status", "not run"),
+              state["steps"].get(step.name, {}).get("seconds"),
+              os.path.relpath(demo.log_path(step.name), demo.output) if demo.log_path(step.name).is_file() else "")
+             for step in demo.steps() if step.name != "report"]
 
     def trainer_row(name):
-        cls = next((getattr(m, name) for m in (demo_trainers, stage2, trainers) if hasattr(m, name)), None)
+        cls = next((getattr(module, name) for module in (demo_trainers, stage2, trainers) if hasattr(module, name)),
+                   None)
         return name if cls is None else (f"{name}: {cls.short_epochs} epochs × {cls.short_iterations} iterations, "
                                          f"lr {cls.short_lr:g} (AdamW, poly), fold '{FOLD}'")
     cases, counts = [], {}
     manifest = json.loads((demo.dataset_dir / "dataset.json").read_text())["dsm_manifest"]["cases"] \
         if (demo.dataset_dir / "dataset.json").is_file() else {}
-    for cid, e in sorted(manifest.items(), key=lambda kv: (kv[1]["subset"] == "inference", kv[0])):
-        counts.setdefault(e["source"], {}).setdefault(e["subset"], 0)
-        counts[e["source"]][e["subset"]] += 1
-        if e["subset"] != "train":
-            cases.append(ReportCase(cid, e["subset"], e["source"], demo.dataset_dir / "imagesTs" / f"{cid}_0000.nii.gz",
+    for cid, entry in sorted(manifest.items(), key=lambda kv: (kv[1]["subset"] == "inference", kv[0])):
+        counts.setdefault(entry["source"], {}).setdefault(entry["subset"], 0)
+        counts[entry["source"]][entry["subset"]] += 1
+        if entry["subset"] != "train":
+            cases.append(ReportCase(cid, entry["subset"], entry["source"],
+                                    demo.dataset_dir / "imagesTs" / f"{cid}_0000.nii.gz",
                                     demo.dataset_dir / "labelsTs" / f"{cid}.nii.gz", demo.pred / f"{cid}.nii.gz",
                                     demo.pred / "anomaly_maps" / f"{cid}.nii.gz",
                                     demo.pred / "prompts" / PROMPT_SLUG / f"{cid}.nii.gz"))
-    settings = [("phantom", f"{'×'.join(map(str, p.shape))} voxels at {p.spacing[0]:g} mm (nnunetv2_dsm.phantom)"),
+    settings = [("phantom", f"{'×'.join(map(str, preset.shape))} voxels at {preset.spacing[0]:g} mm "
+                            f"(nnunetv2_dsm.phantom)"),
                 ("cases (train / test / inference)", "; ".join(
                     f"{s} {c.get('train', 0)}/{c.get('test', 0)}/{c.get('inference', 0)}" for s, c in counts.items())),
                 ("dataset", f"{DATASET}, configuration {CONFIG}"),
-                ("Stage 1", trainer_row(p.stage1_trainer)), ("Stage 2", trainer_row(p.stage2_trainer)),
+                ("Stage 1", trainer_row(preset.stage1_trainer)), ("Stage 2", trainer_row(preset.stage2_trainer)),
                 ("held-out class", f"{HELD_OUT_CLASS}, asked for with --prompts \"{HELD_OUT_PROMPT}\""),
                 ("CLIP weights", demo.clip.describe if demo.clip else "?"), ("device", demo.device)]
     prompts_json = demo.pred / "dsm_prompts.json"
     notes = prompt_answers(json.loads(prompts_json.read_text()), [c.case_id for c in cases if c.subset ==
                                                                     "inference"]) if prompts_json.is_file() else []
-    header = [f"Run started {st.get('started', '?')} in `{demo.output}`; `{p.name}` settings. Re-run "
+    header = [f"Run started {state.get('started', '?')} in `{demo.output}`; `{preset.name}` settings. Re-run "
               f"`nnUNetv2_dsm_demo --output {demo.output}` to resume or refresh."]
     return write_report(demo.output, header=header, settings=settings, steps=steps, summaries=summaries,
                         cases=cases, warning=demo.clip.warning() if demo.clip else "", held_out=HELD_OUT_CLASS,
