@@ -8,12 +8,14 @@ from .plans import LABELS, SSM_BATCH, TARGETS
 
 # ------------------------------------------------------------------------------------------------------ targets
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    """a / b, or None when either is missing or b is not positive."""
     if a is None or b is None or b <= 0:
         return None
     return a / b
 
 
 def evaluate_targets(res: Dict) -> List[Dict]:
+    """One row per target that the results allow to check: measured value, limit, pass/fail and a note."""
     out = []
 
     def add(name, value, limit, unit="×", note=""):
@@ -49,6 +51,7 @@ def evaluate_targets(res: Dict) -> List[Dict]:
 
 # ------------------------------------------------------------------------------------------------------ markdown
 def _f(x, digits=3) -> str:
+    """A number for a table cell: fewer decimals for large values, "–" for None."""
     if x is None:
         return "–"
     if isinstance(x, float):
@@ -61,130 +64,175 @@ def _f(x, digits=3) -> str:
 
 
 def _pass(p) -> str:
+    """A target's result for the table: pass, **MISS**, or "–" when it could not be measured."""
     return "–" if p is None else ("pass" if p else "**MISS**")
 
 
 def render_markdown(res: Dict) -> str:
-    m, pl, st = res["machine"], res["plans"], res["settings"]
-    L = ["# DSM vs nnU-Net benchmark", ""]
-    L.append(f"Machine: {m['cpu']}, {m['cpu_count']} CPUs (affinity {m['affinity']}), {m['memory_gib']} GiB; "
-             f"torch {m['torch']} ({m['torch_threads']} threads), nnunetv2 {m['nnunetv2']}, Python {m['python']}; "
-             f"device **{m['device']}**" + (f" ({m['gpu']}, CUDA {m['cuda']})" if m.get("gpu") else "") +
-             f"; SSM scan backend {m.get('ssm_backend')}; load average at start "
-             f"{', '.join(f'{x:.2f}' for x in m['loadavg_start'])}, at end "
-             f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_end', []))}.")
-    L.append("")
-    L.append(f"Plans: {pl['source']}. Configuration `{pl['configuration']}`: patch {pl['patch_size']}, batch size "
-             f"{pl['batch_size']}, spacing {pl['spacing']}, {pl['network']} with {pl['n_stages']} stages, features "
-             f"{pl['features_per_stage']}, strides {pl['strides']} "
-             f"(as planned: patch {pl['as_planned']['patch_size']}, "
-             f"batch {pl['as_planned']['batch_size']}, {pl['as_planned']['n_stages']} stages). DSM decoder widths: "
-             f"{pl['dsm_architecture']}.")
-    L.append("")
-    L.append(f"Settings: warm-up {st['warmup']}, repetitions {st['reps']} (prediction {st['predict_reps']}; medians; "
-             f"rounds alternate the networks in rotating order), {st['threads']} torch thread(s), "
-             f"{st['started']} → {st['finished']} ({st['wall_seconds']:.0f} s)." +
-             (" **--tiny: narrow networks, not a comparison.**" if st["tiny"] else ""))
-    L.append("")
+    """The whole report: the run's machine, plans and settings, then one section per part that was measured."""
+    sections = (_header_lines, _target_lines, _step_lines, _memory_lines, _predict_lines, _ssm_lines,
+                _ssm_in_step_lines, _profile_lines)
+    lines = [line for section in sections for line in section(res)]
+    return "\n".join(lines) + "\n"
+
+
+def _header_lines(res: Dict) -> List[str]:
+    """Title, machine, plans and benchmark settings, one paragraph each."""
+    machine, plans, settings = res["machine"], res["plans"], res["settings"]
+    gpu = f" ({machine['gpu']}, CUDA {machine['cuda']})" if machine.get("gpu") else ""
+    planned = plans["as_planned"]
+    tiny = " **--tiny: narrow networks, not a comparison.**" if settings["tiny"] else ""
+    return [
+        "# DSM vs nnU-Net benchmark", "",
+        f"Machine: {machine['cpu']}, {machine['cpu_count']} CPUs (affinity {machine['affinity']}), "
+        f"{machine['memory_gib']} GiB; torch {machine['torch']} ({machine['torch_threads']} threads), nnunetv2 "
+        f"{machine['nnunetv2']}, Python {machine['python']}; device **{machine['device']}**{gpu}; SSM scan backend "
+        f"{machine.get('ssm_backend')}; load average at start {', '.join(f'{x:.2f}' for x in machine['loadavg_start'])}"
+        f", at end {', '.join(f'{x:.2f}' for x in machine.get('loadavg_end', []))}.", "",
+        f"Plans: {plans['source']}. Configuration `{plans['configuration']}`: patch {plans['patch_size']}, batch size "
+        f"{plans['batch_size']}, spacing {plans['spacing']}, {plans['network']} with {plans['n_stages']} stages, "
+        f"features {plans['features_per_stage']}, strides {plans['strides']} (as planned: patch "
+        f"{planned['patch_size']}, batch {planned['batch_size']}, {planned['n_stages']} stages). DSM decoder widths: "
+        f"{plans['dsm_architecture']}.", "",
+        f"Settings: warm-up {settings['warmup']}, repetitions {settings['reps']} (prediction "
+        f"{settings['predict_reps']}; medians; rounds alternate the networks in rotating order), "
+        f"{settings['threads']} torch thread(s), {settings['started']} → {settings['finished']} "
+        f"({settings['wall_seconds']:.0f} s).{tiny}", ""]
+
+
+def _target_lines(res: Dict) -> List[str]:
+    """The targets table (ratios to nnU-Net measured in the same run), if any target was evaluated."""
     targets = res.get("targets", [])
-    if targets:
-        L += ["## Targets (ratios to nnU-Net in the same run)", "", "| target | measured | limit | result | note |",
-              "|---|---|---|---|---|"]
-        for t in targets:
-            v = "–" if t["value"] is None else \
-                (f"{t['value']:.2f}×" if t["unit"] == "×" else f"{100 * t['value']:.1f} %")
-            lim = f"≤ {t['limit']}×" if t["unit"] == "×" else f"≤ {100 * t['limit']:.0f} %"
-            L.append(f"| {t['target']} | {v} | {lim} | {_pass(t['pass'])} | {t['note']} |")
-        L.append("")
-    if "step" in res:
-        s = res["step"]["networks"]
-        base = s.get("nnunet", {}).get("seconds", {}).get("median")
-        L += ["## Training step (forward + loss + backward + clipping + optimiser step)", "",
-              "| network | median s | min s | max s | ratio to nnU-Net | parameters | optimiser | loss | DS outputs |",
-              "|---|---|---|---|---|---|---|---|---|"]
-        for n, r in s.items():
-            L.append(f"| {LABELS[n]} | {_f(r['seconds']['median'])} | {_f(r['seconds']['min'])} | "
-                     f"{_f(r['seconds']['max'])} | {_f(ratio(r['seconds']['median'], base), 2)}× | "
-                     f"{r['parameters'] / 1e6:.2f} M | {r['optimizer']} | {r['loss']} | "
-                     f"{r['deep_supervision_outputs']} |")
-        L.append("")
-    if "memory" in res:
-        s = res["memory"]["networks"]
-        b = s.get("nnunet", {})
-        cuda = "cuda_max_allocated_mb" in b
-        L += ["## Peak memory of a training step (one subprocess per network)", "",
-              "| network | peak RSS MB | baseline RSS MB | step (peak − baseline) MB | ratio peak | ratio step |"
-              + (" CUDA max allocated MB | ratio |" if cuda else ""),
-              "|---|---|---|---|---|---|" + ("---|---|" if cuda else "")]
-        for n, r in s.items():
-            if "error" in r:
-                L.append(f"| {LABELS[n]} | failed: {r['error']} | | | | |" + (" | |" if cuda else ""))
-                continue
-            row = (f"| {LABELS[n]} | {_f(r['peak_rss_mb'])} | {_f(r['baseline_rss_mb'])} | {_f(r['delta_rss_mb'])} | "
-                   f"{_f(ratio(r['peak_rss_mb'], b.get('peak_rss_mb')), 2)}× | "
-                   f"{_f(ratio(r['delta_rss_mb'], b.get('delta_rss_mb')), 2)}× |")
-            if cuda:
-                row += (f" {_f(r['cuda_max_allocated_mb'])} | "
-                        f"{_f(ratio(r['cuda_max_allocated_mb'], b['cuda_max_allocated_mb']), 2)}× |")
-            L.append(row)
-        L.append("")
-    if "predict" in res:
-        p = res["predict"]
-        base = p["networks"].get("nnunet", {}).get("seconds", {}).get("median")
-        L += [f"## Sliding-window prediction of one {'×'.join(map(str, p['volume']))} volume", "",
-              f"nnUNetPredictor.predict_sliding_window_return_logits, {p['tiles']} tiles, step {p['step_size']}, "
-              f"Gaussian {'on' if p['gaussian'] else 'off'}, mirroring {'on' if p['mirroring'] else 'off'}.", "",
-              "| network | median s | min s | max s | s per tile | ratio to nnU-Net |", "|---|---|---|---|---|---|"]
-        for n, r in p["networks"].items():
-            L.append(f"| {LABELS[n]} | {_f(r['seconds']['median'])} | {_f(r['seconds']['min'])} | "
-                     f"{_f(r['seconds']['max'])} | {_f(r['seconds_per_tile'])} | "
-                     f"{_f(ratio(r['seconds']['median'], base), 2)}× |")
-        L.append("")
-    if "ssm" in res:
-        s = res["ssm"]
-        L += ["## The SSM alone", "", f"{s['module']}, input (2, 25, s, s, s).", "",
-              "| s | tokens | forward s (no grad) | forward + backward s | µs per token (fwd+bwd) |",
-              "|---|---|---|---|---|"]
-        for r in s["sizes"]:
-            fb = r["forward_backward"]["median"]
-            L.append(f"| {r['s']} | {r['tokens'] * SSM_BATCH} ({SSM_BATCH}×{r['tokens']}) | "
-                     f"{_f(r['forward']['median'], 4)} | {_f(fb, 4)} | {_f(1e6 * fb / (r['tokens'] * SSM_BATCH), 3)} |")
-        L.append("")
-    ins = res.get("step", {}).get("ssm_in_stage2_step")
-    if ins:
-        L += ["## The SSM inside a Stage 2 training step", "",
-              f"{ins['calls_per_step']} calls per step, inputs {ins['shapes']}.", "",
-              "| measured | forward s | backward s | total s | share of the step |", "|---|---|---|---|---|",
-              f"| hooks inside the timed steps (median) | {_f(ins['forward'], 4)} | {_f(ins['backward'], 4)} | "
-              f"{_f(ins['total'], 4)} | {100 * ins['share']:.1f} % |"]
-        alone = res.get("ssm", {}).get("in_step")
-        if alone and "step" in res:
-            tot = sum(r["forward_backward"]["median"] for r in alone)
-            st2 = res["step"]["networks"]["dsm_stage2"]["seconds"]["median"]
-            L.append(f"| the SSM alone at the same shapes (sum) | – | – | {_f(tot, 4)} | {100 * tot / st2:.1f} % |")
-        prof = res.get("profile")
-        if prof and prof.get("ssm_share_profiled") is not None:
-            L.append(f"| torch.profiler (one step, profiler overhead included) | – | – | – | "
-                     f"{100 * prof['ssm_share_profiled']:.1f} % |")
-        L.append("")
-    if "profile" in res:
-        p = res["profile"]
-        L += ["## Profile of one Stage 2 training step", "",
-              f"torch.profiler, CPU; the step took {p['wall_seconds']:.2f} s under the profiler, "
-              f"{p['profiled_self_cpu_seconds']:.2f} s of self CPU time in total (shares below are of that).", "",
-              "### By module (forward: ops inside the module; backward: autograd nodes its forward created)", "",
-              "| module | forward s | backward s | total s | share |", "|---|---|---|---|---|"]
-        for r in p["modules"][:20]:
-            L.append(f"| {r['module']} | {_f(r['forward'])} | {_f(r['backward'])} | {_f(r['total'])} | "
-                     f"{100 * r['share']:.1f} % |")
-        L += ["", "### Operators by self CPU time", "", "| operator | calls | self CPU s | share |",
+    if not targets:
+        return []
+    lines = ["## Targets (ratios to nnU-Net in the same run)", "", "| target | measured | limit | result | note |",
+             "|---|---|---|---|---|"]
+    for target in targets:
+        times = target["unit"] == "×"
+        value = "–" if target["value"] is None else \
+            (f"{target['value']:.2f}×" if times else f"{100 * target['value']:.1f} %")
+        limit = f"≤ {target['limit']}×" if times else f"≤ {100 * target['limit']:.0f} %"
+        lines.append(f"| {target['target']} | {value} | {limit} | {_pass(target['pass'])} | {target['note']} |")
+    return lines + [""]
+
+
+def _step_lines(res: Dict) -> List[str]:
+    """The training step table: time per network and its ratio to nnU-Net."""
+    if "step" not in res:
+        return []
+    networks = res["step"]["networks"]
+    base = networks.get("nnunet", {}).get("seconds", {}).get("median")
+    lines = ["## Training step (forward + loss + backward + clipping + optimiser step)", "",
+             "| network | median s | min s | max s | ratio to nnU-Net | parameters | optimiser | loss | DS outputs |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in networks.items():
+        seconds = row["seconds"]
+        lines.append(f"| {LABELS[name]} | {_f(seconds['median'])} | {_f(seconds['min'])} | {_f(seconds['max'])} | "
+                     f"{_f(ratio(seconds['median'], base), 2)}× | {row['parameters'] / 1e6:.2f} M | "
+                     f"{row['optimizer']} | {row['loss']} | {row['deep_supervision_outputs']} |")
+    return lines + [""]
+
+
+def _memory_lines(res: Dict) -> List[str]:
+    """Peak memory of a training step per network (RSS, and CUDA's max allocated on a GPU)."""
+    if "memory" not in res:
+        return []
+    networks = res["memory"]["networks"]
+    base = networks.get("nnunet", {})
+    cuda = "cuda_max_allocated_mb" in base
+    lines = ["## Peak memory of a training step (one subprocess per network)", "",
+             "| network | peak RSS MB | baseline RSS MB | step (peak − baseline) MB | ratio peak | ratio step |"
+             + (" CUDA max allocated MB | ratio |" if cuda else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if cuda else "")]
+    for name, row in networks.items():
+        if "error" in row:
+            lines.append(f"| {LABELS[name]} | failed: {row['error']} | | | | |" + (" | |" if cuda else ""))
+            continue
+        line = (f"| {LABELS[name]} | {_f(row['peak_rss_mb'])} | {_f(row['baseline_rss_mb'])} | "
+                f"{_f(row['delta_rss_mb'])} | {_f(ratio(row['peak_rss_mb'], base.get('peak_rss_mb')), 2)}× | "
+                f"{_f(ratio(row['delta_rss_mb'], base.get('delta_rss_mb')), 2)}× |")
+        if cuda:
+            line += (f" {_f(row['cuda_max_allocated_mb'])} | "
+                     f"{_f(ratio(row['cuda_max_allocated_mb'], base['cuda_max_allocated_mb']), 2)}× |")
+        lines.append(line)
+    return lines + [""]
+
+
+def _predict_lines(res: Dict) -> List[str]:
+    """Sliding-window prediction of one volume per network."""
+    if "predict" not in res:
+        return []
+    predict = res["predict"]
+    base = predict["networks"].get("nnunet", {}).get("seconds", {}).get("median")
+    lines = [f"## Sliding-window prediction of one {'×'.join(map(str, predict['volume']))} volume", "",
+             f"nnUNetPredictor.predict_sliding_window_return_logits, {predict['tiles']} tiles, step "
+             f"{predict['step_size']}, Gaussian {'on' if predict['gaussian'] else 'off'}, mirroring "
+             f"{'on' if predict['mirroring'] else 'off'}.", "",
+             "| network | median s | min s | max s | s per tile | ratio to nnU-Net |", "|---|---|---|---|---|---|"]
+    for name, row in predict["networks"].items():
+        seconds = row["seconds"]
+        lines.append(f"| {LABELS[name]} | {_f(seconds['median'])} | {_f(seconds['min'])} | {_f(seconds['max'])} | "
+                     f"{_f(row['seconds_per_tile'])} | {_f(ratio(seconds['median'], base), 2)}× |")
+    return lines + [""]
+
+
+def _ssm_lines(res: Dict) -> List[str]:
+    """The SSM module alone, per input size."""
+    if "ssm" not in res:
+        return []
+    ssm = res["ssm"]
+    lines = ["## The SSM alone", "", f"{ssm['module']}, input (2, 25, s, s, s).", "",
+             "| s | tokens | forward s (no grad) | forward + backward s | µs per token (fwd+bwd) |",
+             "|---|---|---|---|---|"]
+    for size in ssm["sizes"]:
+        both = size["forward_backward"]["median"]
+        tokens = size["tokens"] * SSM_BATCH
+        lines.append(f"| {size['s']} | {tokens} ({SSM_BATCH}×{size['tokens']}) | "
+                     f"{_f(size['forward']['median'], 4)} | {_f(both, 4)} | {_f(1e6 * both / tokens, 3)} |")
+    return lines + [""]
+
+
+def _ssm_in_step_lines(res: Dict) -> List[str]:
+    """The SSM's share of a Stage 2 training step: hooks in the timed steps, the SSM alone, the profiler."""
+    inside = res.get("step", {}).get("ssm_in_stage2_step")
+    if not inside:
+        return []
+    lines = ["## The SSM inside a Stage 2 training step", "",
+             f"{inside['calls_per_step']} calls per step, inputs {inside['shapes']}.", "",
+             "| measured | forward s | backward s | total s | share of the step |", "|---|---|---|---|---|",
+             f"| hooks inside the timed steps (median) | {_f(inside['forward'], 4)} | {_f(inside['backward'], 4)} | "
+             f"{_f(inside['total'], 4)} | {100 * inside['share']:.1f} % |"]
+    alone = res.get("ssm", {}).get("in_step")
+    if alone and "step" in res:
+        total = sum(r["forward_backward"]["median"] for r in alone)
+        step_seconds = res["step"]["networks"]["dsm_stage2"]["seconds"]["median"]
+        lines.append(f"| the SSM alone at the same shapes (sum) | – | – | {_f(total, 4)} | "
+                     f"{100 * total / step_seconds:.1f} % |")
+    profile = res.get("profile")
+    if profile and profile.get("ssm_share_profiled") is not None:
+        lines.append(f"| torch.profiler (one step, profiler overhead included) | – | – | – | "
+                     f"{100 * profile['ssm_share_profiled']:.1f} % |")
+    return lines + [""]
+
+
+def _profile_lines(res: Dict) -> List[str]:
+    """The profile of one Stage 2 step: by module, by operator and module × operator hotspots."""
+    if "profile" not in res:
+        return []
+    profile = res["profile"]
+    lines = ["## Profile of one Stage 2 training step", "",
+             f"torch.profiler, CPU; the step took {profile['wall_seconds']:.2f} s under the profiler, "
+             f"{profile['profiled_self_cpu_seconds']:.2f} s of self CPU time in total (shares below are of that).", "",
+             "### By module (forward: ops inside the module; backward: autograd nodes its forward created)", "",
+             "| module | forward s | backward s | total s | share |", "|---|---|---|---|---|"]
+    lines += [f"| {r['module']} | {_f(r['forward'])} | {_f(r['backward'])} | {_f(r['total'])} | "
+              f"{100 * r['share']:.1f} % |" for r in profile["modules"][:20]]
+    lines += ["", "### Operators by self CPU time", "", "| operator | calls | self CPU s | share |",
               "|---|---|---|---|"]
-        for r in p["operators"]:
-            L.append(f"| `{r['operator']}` | {r['calls']} | {_f(r['self_cpu'])} | {100 * r['share']:.1f} % |")
-        L += ["", "### Hotspots: module × operator by self CPU time", "",
+    lines += [f"| `{r['operator']}` | {r['calls']} | {_f(r['self_cpu'])} | {100 * r['share']:.1f} % |"
+              for r in profile["operators"]]
+    lines += ["", "### Hotspots: module × operator by self CPU time", "",
               "| module | phase | operator | self CPU s | share |", "|---|---|---|---|---|"]
-        for r in p["module_operators"]:
-            L.append(f"| {r['module']} | {r['phase']} | `{r['operator']}` | {_f(r['self_cpu'])} | "
-                     f"{100 * r['share']:.1f} % |")
-        L.append("")
-    return "\n".join(L) + "\n"
+    lines += [f"| {r['module']} | {r['phase']} | `{r['operator']}` | {_f(r['self_cpu'])} | {100 * r['share']:.1f} % |"
+              for r in profile["module_operators"]]
+    return lines + [""]
