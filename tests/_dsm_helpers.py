@@ -59,5 +59,10 @@ def params_without_gradient(net: DSMNetwork, train_steps: int = 1, tumours: bool
         DSMLoss(len(out))(out, targets, annotated, extras).backward()
         if step < train_steps - 1:
             opt.step()
-    return [n for n, p in net.named_parameters()
-            if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    return missing_gradients(net)
+
+
+def missing_gradients(module: torch.nn.Module) -> list:
+    """Names of ``module``'s trainable parameters whose gradient is missing or zero (after a backward pass)."""
+    return [name for name, param in module.named_parameters()
+            if param.requires_grad and (param.grad is None or not param.grad.abs().sum() > 0)]

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 SCRIPT = REPO / "scripts" / "benchmark.py"
@@ -15,6 +17,7 @@ TINY = ["--tiny", "--threads", "1", "--patch", "32", "32", "32", "--batch-size",
 NETS = ("nnunet", "dsm_stage1", "dsm_stage2")
 
 
+@pytest.mark.slow  # ~135 s on 2 cores: every section of the benchmark on every network
 def test_benchmark_script_writes_table_and_json_on_a_tiny_configuration(tmp_path):
     out = tmp_path / "bench"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -3,6 +3,7 @@ prompt-masked cross-attention (Eq. 19) and the organ–tumour query interaction.
 import pytest
 import torch
 
+from _dsm_helpers import missing_gradients
 from nnunetv2_dsm.network.anomaly import anomaly_prompt, anomaly_score, normalize_per_sample
 from nnunetv2_dsm.network.attention import QuerySelfAttention
 from nnunetv2_dsm.network.prompt_attention import PromptMaskedCrossAttention, prompt_mask
@@ -16,8 +17,7 @@ def _gen(seed=0):
 
 
 def _assert_all_params_get_gradient(module: torch.nn.Module):
-    missing = [n for n, p in module.named_parameters()
-               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = missing_gradients(module)
     assert not missing, f"parameters without gradient: {missing}"
 
 
