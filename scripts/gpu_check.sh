@@ -11,7 +11,8 @@
 #                                    3. python -m nnunetv2_dsm.benchmark.gpu_check: (a) kernels = PyTorch scan,
 #                                       (b) a Stage 2 train_step with autocast + GradScaler at 80×160×160, batch 2,
 #                                       (c) step time and memory vs nnUNetTrainer, kernels and PyTorch scan,
-#                                       (d) sliding-window prediction of a 300×512×512 CT vs nnU-Net
+#                                       (d) sliding-window prediction of a 300×512×512 CT vs nnU-Net,
+#                                       (e) nnUNet_compile=1: Stage 2 under torch.compile, no recompiling
 #   scripts/gpu_check.sh --dry-run   any CPU machine, in the project's venv: the same steps at toy sizes, no build
 #
 # Results in $OUT: gpu_check.md / gpu_check.json (all figures and the targets), build.log, run.log,
@@ -93,6 +94,5 @@ tail -n 12 "$OUT/build.log"
 # 3. the measurements, in what is left of the time
 LEFT=$(( TOTAL - SECONDS ))
 echo "[gpu_check.sh $(date +%T)] ${SECONDS}s so far; gpu_check with ${LEFT}s left"
-$PY -m nnunetv2_dsm.benchmark.gpu_check -o "$OUT" --build-json /tmp/dsm_build.json \
-  --budget $(( LEFT > 120 ? LEFT - 90 : 30 ))
+$PY -m nnunetv2_dsm.benchmark.gpu_check -o "$OUT" --build-json /tmp/dsm_build.json --budget $(( LEFT - 10 ))
 echo "[gpu_check.sh $(date +%T)] done in ${SECONDS}s"

@@ -6,19 +6,22 @@
     patch, batch 2, with each backend: finite loss, every gradient finite, the parameters without gradient;
 (c) training-step time and peak memory of Stage 2 against ``nnUNetTrainer`` on the same plans, with the kernels
     and with the PyTorch scan, and (d) sliding-window prediction of a 300×512×512 CT against nnU-Net: both by
-    the project's benchmark (``python -m nnunetv2_dsm.benchmark``) in subprocesses, one per backend.
+    the project's benchmark (``python -m nnunetv2_dsm.benchmark``) in subprocesses, one per backend;
+(e) ``nnUNet_compile=1``: the Stage 2 network under torch.compile (Inductor), 3 train_steps, no recompiling.
 
 Writes OUT/gpu_check.json and OUT/gpu_check.md (with the issue's targets: step ≤ 1.3×, memory ≤ 1.3×,
 prediction ≤ 1.2× nnU-Net, a 512×512×300 CT in < 60 s) and OUT/{kernel,torch}/benchmark.{md,json}. Every
-section is guarded: a failure is recorded and the next section runs; ``--budget`` seconds bound the benchmark
-subprocesses. ``--dry-run`` runs everything on the CPU at toy sizes (the PyTorch scan stands in for the
-kernels when mamba-ssm is absent): it checks the script, not the GPU.
+section is guarded: a failure is recorded and the next section runs. ``--budget`` seconds bound the whole run;
+the subprocesses get what (a) and (b) leave, in this order: kernel benchmark, compile check, PyTorch-scan
+benchmark. ``--dry-run`` runs everything on the CPU at toy sizes (the PyTorch scan stands in for the kernels
+when mamba-ssm is absent): it checks the script, not the GPU.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,9 +33,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from nnunetv2_dsm.benchmark.gpu_report import TARGETS, render_markdown, summarize_benchmark  # noqa: F401
 from nnunetv2_dsm.network import ssm_backend
 
-TARGETS = {"step": 1.3, "memory": 1.3, "predict": 1.2, "ct_seconds": 60.0}
 BACKEND_ENV = ssm_backend.BACKEND_ENV
 
 
@@ -201,6 +204,54 @@ def check_train_step(device: torch.device, patch: Sequence[int], batch_size: int
     return out
 
 
+# ------------------------------------------------------------------------------------ nnUNet_compile=1 (item 4)
+COMPILE_TAG = "DSM_GPU_CHECK_COMPILE "
+
+
+def check_compile(device: torch.device, patch: Sequence[int], steps: int = 3) -> Dict:
+    """The path of ``nnUNet_compile=1``: the Stage 2 network under torch.compile as nnUNetTrainer.initialize()
+    wraps it (Inductor on CUDA; narrow decoders keep its compile time short), ``steps`` real train_steps; the
+    graphs Dynamo has compiled after each step (no recompiling: constant after the first) and the step times."""
+    import torch._dynamo
+    from .plans import nnunet_environment, prepare_plans
+    from .runner import make_batch, make_trainer
+    counters = torch._dynamo.utils.counters
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir, nnunet_environment(workdir):
+        setup = prepare_plans(SimpleNamespace(plans=None, configuration="3d_fullres", tiny=True, patch=list(patch),
+                                              batch_size=2, device=device.type, threads=None, seed=0), workdir)
+        tr = make_trainer("dsm_stage2", setup)
+        tr.network = torch.compile(tr.network, backend="inductor" if device.type == "cuda" else "eager")
+        batch = make_batch(tr, setup, 0)
+        graphs, seconds, losses = [], [], []
+        for _ in range(steps):
+            sync(device)
+            t = time.perf_counter()
+            losses.append(float(tr.train_step(batch)["loss"]))
+            sync(device)
+            seconds.append(round(time.perf_counter() - t, 3))
+            graphs.append(int(counters["stats"]["unique_graphs"]))
+    breaks = sorted({reason.splitlines()[0][:120] for reason in counters["graph_break"]})
+    return {"patch": list(patch), "graphs_after_each_step": graphs, "step_seconds": seconds, "losses": losses,
+            "graph_breaks": breaks, "backend": ssm_backend.backend_description(device),
+            "pass": graphs[0] > 0 and len(set(graphs)) == 1 and all(map(math.isfinite, losses))}
+
+
+def run_compile_check(device: torch.device, patch: Sequence[int], timeout: float) -> Dict:
+    """check_compile in a subprocess (a fresh Dynamo cache, and a hang or crash cannot take the report down)."""
+    if timeout < 30:
+        return {"error": "skipped: no time left in --budget"}
+    cmd = [sys.executable, "-m", "nnunetv2_dsm.benchmark.gpu_check", "--compile-only", device.type,
+           *map(str, patch)]
+    log(f"compile check (≤ {timeout:.0f} s): {' '.join(cmd[1:])}")
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, stdout=subprocess.PIPE, text=True)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s (Inductor compiling)"}
+    print(proc.stdout, end="", flush=True)
+    tagged = [line[len(COMPILE_TAG):] for line in proc.stdout.splitlines() if line.startswith(COMPILE_TAG)]
+    return json.loads(tagged[-1]) if tagged else {"error": f"exit code {proc.returncode}, no result"}
+
+
 # --------------------------------------------------------------------------------- (c), (d) the benchmark runs
 def run_benchmark(out_dir: str, backend_name: str, sections: Sequence[str], bench_args: Sequence[str],
                   timeout: float) -> Dict:
@@ -229,104 +280,23 @@ def _load(folder: str, name: str) -> Optional[Dict]:
         return None
 
 
-def summarize_benchmark(res: Dict) -> Dict:
-    """The figures the issue asks for, from a benchmark.json: medians, ratios to nnU-Net, the targets."""
-    out: Dict = {"ssm_backend": res.get("machine", {}).get("ssm_backend")}
-    step = res.get("step", {}).get("networks", {})
-    if "dsm_stage2" in step and "nnunet" in step:
-        s, n = step["dsm_stage2"]["seconds"]["median"], step["nnunet"]["seconds"]["median"]
-        out["step"] = {"stage2_s": s, "nnunet_s": n, "ratio": s / n, "target": TARGETS["step"]}
-    mem = res.get("memory", {}).get("networks", {})
-    if "dsm_stage2" in mem and "nnunet" in mem:
-        key = "cuda_max_allocated_mb" if "cuda_max_allocated_mb" in mem["nnunet"] else "delta_rss_mb"
-        s, n = mem["dsm_stage2"].get(key), mem["nnunet"].get(key)
-        out["memory"] = {"measure": key, "stage2_mb": s, "nnunet_mb": n, "ratio": s / n if s and n else None,
-                         "target": TARGETS["memory"], "error": mem["dsm_stage2"].get("error")}
-    pred = res.get("predict", {})
-    if "dsm_stage2" in pred.get("networks", {}) and "nnunet" in pred.get("networks", {}):
-        s = pred["networks"]["dsm_stage2"]["seconds"]["median"]
-        n = pred["networks"]["nnunet"]["seconds"]["median"]
-        out["predict"] = {"volume": pred.get("volume"), "tiles": pred.get("tiles"), "stage2_s": s, "nnunet_s": n,
-                          "ratio": s / n, "target": TARGETS["predict"], "ct_target_s": TARGETS["ct_seconds"]}
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------- report
-def _ok(flag) -> str:
-    return "–" if flag is None else ("PASS" if flag else "FAIL")
-
-
-def _fmt(x, digits: int = 3) -> str:
-    return "–" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
-
-
-def render_markdown(res: Dict) -> str:
-    lines = [f"# GPU check ({res['machine'].get('gpu', 'no GPU')}, torch {res['machine']['torch']}, "
-             f"{res['started']})", ""]
-    if res.get("dry_run"):
-        lines += ["**Dry run on the CPU at toy sizes: these figures check the script, not the GPU.**", ""]
-    for key in ("build", "kernels", "train_step", "bench_kernel", "bench_torch"):
-        if "error" in res.get(key, {}):
-            lines.append(f"- **{key} failed**: {res[key]['error']}")
-    bld = res.get("build", {})
-    if "arch" in bld and "error" not in bld:
-        lines.append(f"- build: selective_scan_cuda for sm_{str(bld['arch']).replace('.', '')} in {bld.get('seconds')} s; "
-                     f"`import mamba_ssm`: {bld.get('package_import')}"
-                     + (f"; __init__ cut down, kernels: {bld.get('kernels_import_after_trim')}"
-                        if bld.get("init_trimmed") else ""))
-    k = res.get("kernels", {})
-    if "scan_fp32" in k:
-        lines += ["", f"## (a) mamba-ssm kernel vs PyTorch scan (import: {k['import'].get('import')})", "",
-                  "| check | length | output rel. err | max grad rel. err | kernel ms | torch ms | |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in k["scan_fp32"]:
-            lines.append(f"| scan fp32 | {r['shape_b_d_n_L'][3]} | {_fmt(r['output_rel_err'])} | "
-                         f"{_fmt(r['grad_rel_err'])} | {r['kernel_ms']} | {r['torch_ms']} | {_ok(r['pass'])} |")
-        for r in k.get("mamba_block_autocast_fp16", []):
-            lines.append(f"| Mamba block {r['autocast']} | {r['L']} | {_fmt(r['output_rel_err'])} | "
-                         f"{_fmt(r['grad_rel_err'])} | | | {_ok(r['pass'])} |")
-    t = res.get("train_step", {})
-    if "mamba" in t:
-        lines += ["", f"## (b) one Stage 2 train_step, patch {t['patch']}, batch {t['batch_size']}", "",
-                  "| backend | loss | finite loss / grads | params without grad | GradScaler scale | peak GiB | |",
-                  "|---|---|---|---|---|---|---|"]
-        for name in ("mamba", "torch"):
-            r = t[name]
-            lines.append(f"| {r['backend']} | {_fmt(r['loss'], 5)} | {r['loss_finite']} / {r['grads_finite']} | "
-                         f"{len(r['params_without_grad'])} | {r['grad_scaler']} | {r['peak_allocated_gib']} | "
-                         f"{_ok(r['pass'])} |")
-    rows = []
-    for key, label in (("bench_kernel", "kernels"), ("bench_torch", "PyTorch scan")):
-        b = res.get(key, {})
-        label = f"{label}; ran: {b.get('ssm_backend')}"  # the benchmark's own record of the backend it used
-        if "step" in b:
-            rows.append(f"| Stage 2 step ({label}) | {_fmt(b['step']['stage2_s'])} s | {_fmt(b['step']['nnunet_s'])} s"
-                        f" | {_fmt(b['step']['ratio'])}× | ≤ {TARGETS['step']}× | {_ok(b['step']['ratio'] <= TARGETS['step'])} |")
-        if b.get("memory", {}).get("ratio") is not None:
-            m = b["memory"]
-            rows.append(f"| Stage 2 step memory ({label}, {m['measure']}) | {_fmt(m['stage2_mb'])} MB | "
-                        f"{_fmt(m['nnunet_mb'])} MB | {_fmt(m['ratio'])}× | ≤ {TARGETS['memory']}× | "
-                        f"{_ok(m['ratio'] <= TARGETS['memory'])} |")
-        if "predict" in b:
-            p = b["predict"]
-            rows.append(f"| prediction {p['volume']} ({label}, {p['tiles']} tiles) | {_fmt(p['stage2_s'])} s | "
-                        f"{_fmt(p['nnunet_s'])} s | {_fmt(p['ratio'])}× | ≤ {TARGETS['predict']}×, < "
-                        f"{TARGETS['ct_seconds']:.0f} s | {_ok(p['ratio'] <= TARGETS['predict'] and p['stage2_s'] < TARGETS['ct_seconds'])} |")
-    if rows:
-        lines += ["", "## (c), (d) against nnUNetTrainer on the same plans", "",
-                  "| measure | DSM Stage 2 | nnU-Net | ratio | target | |", "|---|---|---|---|---|---|", *rows]
-    return "\n".join(lines) + "\n"
-
-
 # ------------------------------------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p = argparse.ArgumentParser(prog="python -m nnunetv2_dsm.benchmark.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--out", default="gpu_check_out")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks the script, not the GPU")
-    p.add_argument("--budget", type=float, default=330.0,
-                   help="seconds for the benchmark subprocesses, (c) and (d), together (default 330)")
+    p.add_argument("--budget", type=float, default=400.0,
+                   help="seconds for this whole run (default 400): the subprocesses after (a) and (b) (the kernel "
+                        "benchmark, the compile check, the PyTorch-scan benchmark) share what (a) and (b) leave")
     p.add_argument("--build-json", help="the build step's result (JSON) to include in the report")
+    p.add_argument("--compile-only", nargs="+", metavar=("DEVICE", "PATCH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.compile_only:  # the subprocess of run_compile_check
+        res = {}
+        guarded(res, "compile", lambda: check_compile(torch.device(args.compile_only[0]),
+                                                      [int(v) for v in args.compile_only[1:]]))
+        print(COMPILE_TAG + json.dumps(res["compile"], default=str), flush=True)
+        return res
     started = time.time()
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -354,13 +324,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     common = ["--device", device.type, "--patch", *map(str, patch), "--batch-size", str(batch),
               "--volume", *map(str, volume), "--reps", "1" if args.dry_run else "3", "--warmup", "1",
               "--predict-reps", "1"] + (["--tiny", "--threads", "1"] if args.dry_run else [])
-    deadline = time.time() + args.budget
+    deadline = started + args.budget  # priorities: (c)+(d) with the kernels, the compile check, (c) with torch
     guarded(res, "bench_kernel", lambda: run_benchmark(os.path.join(args.out, "kernel"), "auto",
                                                        ["memory", "step", "predict"], common,
-                                                       (deadline - time.time()) * 0.75))
+                                                       (deadline - time.time()) * 0.6))
+    save()
+    guarded(res, "compile", lambda: run_compile_check(device, [32, 64, 64] if args.dry_run else [64, 128, 128],
+                                                      min(180.0, (deadline - time.time()) * 0.5)))
     save()
     guarded(res, "bench_torch", lambda: run_benchmark(os.path.join(args.out, "torch"), "torch",
-                                                      ["memory", "step"], common, deadline - time.time()))
+                                                      ["memory", "step"], common, deadline - time.time() - 5))
     res["wall_seconds"] = round(time.time() - started, 1)
     save()
     print(render_markdown(res), flush=True)
