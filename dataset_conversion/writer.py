@@ -7,13 +7,12 @@ has the same array orientation; ``keep_orientation`` turns this off), and write 
 Atomic, resumable, idempotent:
 
 * every file is written under ``<dataset>/.dsm_convert/tmp/`` and moved into place with ``os.replace``
-  (:mod:`nnunetv2_dsm.io_utils`), so
-  imagesTr/labelsTr never hold a partial file;
-* before a case's files are written its record ``.dsm_convert/done/<case>.json`` claims them; after they are in
-  place the record is completed (also atomically) with a fingerprint of its input files (relative path, size,
-  mtime, ctime: an edit that keeps size and mtime still changes ctime) and the conversion options. A re-run skips
-  every case whose record matches and whose outputs are present: an interrupted run resumes where it stopped, and
-  a finished one rewrites only an identical dataset.json;
+  (:mod:`nnunetv2_dsm.io_utils`), so imagesTr/labelsTr never hold a partial file;
+* before a case's files are written its record ``.dsm_convert/done/<case>.json`` (:mod:`.case_records`) claims
+  them; after they are in place the record is completed (also atomically) with a fingerprint of its input files
+  (relative path, size, mtime, ctime: an edit that keeps size and mtime still changes ctime) and the conversion
+  options. A re-run skips every case whose record matches and whose outputs are present: an interrupted run
+  resumes where it stopped, and a finished one rewrites only an identical dataset.json;
 * convert never deletes or overwrites a file it did not write: an output file without a record, any other file in
   imagesTr/labelsTr/imagesTs, or a dataset.json it did not write makes it refuse, naming the file;
 * one run at a time per output folder (:func:`.outputs.output_lock`);
@@ -29,7 +28,6 @@ then not written (``skip_failed=True`` writes it without those cases).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -44,19 +42,19 @@ from typing import Dict, List, Optional
 import SimpleITK as sitk
 
 from nnunetv2_dsm.cli.errors import writable_dir
-from nnunetv2_dsm.io_utils import atomic_save_json, atomic_target, atomic_write_text
+from nnunetv2_dsm.io_utils import atomic_save_json, atomic_target
+from nnunetv2_dsm.io_utils import atomic_write_text  # noqa: F401  re-exported for inference/export.py
 from nnunetv2_dsm.labels import dataset_json_labels, regions_class_order
 from nnunetv2_dsm.manifest import MANIFEST_KEY, case_id_problem, make_entry, make_manifest
 
 from . import readers
+from .case_records import (CONVERTER_VERSION, FILE_ENDING, STATE_DIR, case_outputs, claim_outputs, complete_record,
+                           load_done, options_key, record_path)
 from .labelmap import apply_label_map, classes_present, targets_by_id
 from .outputs import foreign_entries, output_lock, refuse_foreign
 from .summary import CaseResult, Summary
 from .spec import CaseError, CaseFiles, ConversionError, InputError, Notes, Source, annotated_classes, walk_files
 
-CONVERTER_VERSION = 1
-FILE_ENDING = ".nii.gz"
-STATE_DIR = ".dsm_convert"
 PROG = "nnUNetv2_dsm_convert"
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 WORKER_DIED = ("a worker process died before finishing this case (killed for lack of memory?); run again with "
@@ -103,65 +101,6 @@ def _write_image(img: sitk.Image, dst: Path, tmp_dir: Path, level: int) -> None:
         sitk.WriteImage(img, tmp, True, level)
 
 
-def _fingerprint(case: CaseFiles, input_dir: Path) -> List[list]:
-    out = []
-    for f in case.input_files():
-        st = f.stat()
-        try:
-            rel = str(f.relative_to(input_dir))
-        except ValueError:
-            rel = str(f)
-        out.append([rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
-    return out
-
-
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _same_inputs(case: CaseFiles, input_dir: Path, rec: dict) -> bool:
-    """True if the case's input files are those of the record: same names, sizes and mtimes, and, for a file whose
-    ctime changed (an edit that restored size and mtime, but also a chmod or a copy), the same SHA-1."""
-    now, then = _fingerprint(case, input_dir), rec["fingerprint"]
-    if [f[:3] for f in now] != [f[:3] for f in then]:
-        return False
-    files = case.input_files()
-    return all(a[3:] == b[3:] or rec["sha1"][i] == _sha1(files[i]) for i, (a, b) in enumerate(zip(now, then)))
-
-
-def _options_key(source: Source, case: CaseFiles, opts: dict) -> str:
-    payload = json.dumps([CONVERTER_VERSION, sorted(opts.items()), sorted(map(repr, (case.label_map or source.labels)
-                                                                                .items()))], default=str)
-    return hashlib.sha1(payload.encode()).hexdigest()
-
-
-def _outputs(out: Path, case: CaseFiles) -> List[Path]:
-    if case.test:
-        return [out / "imagesTs" / f"{case.case_id}_0000{FILE_ENDING}"]
-    return [out / "imagesTr" / f"{case.case_id}_0000{FILE_ENDING}", out / "labelsTr" / f"{case.case_id}{FILE_ENDING}"]
-
-
-def _record_path(out: Path, case_id: str) -> Path:
-    return out / STATE_DIR / "done" / f"{case_id}.json"
-
-
-def _load_done(source: Source, case: CaseFiles, out: Path, input_dir: Path, opts: dict) -> Optional[CaseResult]:
-    """The recorded result if this case was already converted from the same inputs with the same options."""
-    try:
-        rec = json.loads(_record_path(out, case.case_id).read_text())
-        if rec["options"] != _options_key(source, case, opts) or not _same_inputs(case, input_dir, rec):
-            return None
-        if any(not p.is_file() or p.stat().st_size != rec["outputs"].get(p.name) for p in _outputs(out, case)):
-            return None
-        return CaseResult(case.case_id, "done", case.test, rec["annotated"], rec["present"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def convert_case(source_name: str, case: CaseFiles, out: Path, input_dir: Path, opts: dict) -> CaseResult:
     """Convert one case (in a worker process or inline). Never raises for bad input: returns a failed result."""
     from .sources import get_source
@@ -176,7 +115,7 @@ def convert_case(source_name: str, case: CaseFiles, out: Path, input_dir: Path, 
 
 def _convert_case(source: Source, case: CaseFiles, out: Path, input_dir: Path, opts: dict) -> CaseResult:
     tmp_dir = out / STATE_DIR / "tmp"
-    options_key = _options_key(source, case, opts)           # before a reader sets a per-case map
+    options = options_key(source, case, opts)                # before a reader sets a per-case map
     read_image = source.read_image or readers.read_nifti
     image = read_image(case)
     readers.check_not_label_map(image, case.input_files()[0])
@@ -200,11 +139,7 @@ def _convert_case(source: Source, case: CaseFiles, out: Path, input_dir: Path, o
     if reorient:
         image = readers.canonical(image)
         label = readers.canonical(label) if label is not None else None
-    outputs = _outputs(out, case)
-    for p in outputs:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    claim = {"case_id": case.case_id, "claimed": [p.name for p in outputs], "outputs": {}}
-    atomic_write_text(_record_path(out, case.case_id), json.dumps(claim), tmp_dir, skip_unchanged=True)  # ours first
+    outputs = claim_outputs(out, case, tmp_dir)                # ours before they exist
     src = Path(case.image) if not isinstance(case.image, (list, tuple)) else None
     if (source.read_image is None and not reorient and src is not None and src.name.endswith(FILE_ENDING)
             and not nonfinite):
@@ -214,11 +149,7 @@ def _convert_case(source: Source, case: CaseFiles, out: Path, input_dir: Path, o
         _write_image(image, outputs[0], tmp_dir, opts["compression_level"])
     if label is not None:
         _write_image(label, outputs[1], tmp_dir, 6)
-    record = {"case_id": case.case_id, "fingerprint": _fingerprint(case, input_dir),
-              "sha1": [_sha1(f) for f in case.input_files()],
-              "options": options_key, "outputs": {p.name: p.stat().st_size for p in outputs},
-              "annotated": annotated, "present": present, "test": case.test}
-    atomic_write_text(_record_path(out, case.case_id), json.dumps(record, indent=1), tmp_dir, skip_unchanged=True)
+    complete_record(out, case, input_dir, options, annotated, present, tmp_dir)
     warnings = ctx.notes.warnings + ([case.info["nonfinite_warning"]] if nonfinite else [])
     return CaseResult(case.case_id, "written", case.test, annotated, present, warnings=warnings)
 
@@ -300,9 +231,9 @@ def convert(source: Source, input_dir, dataset_id: int, name: Optional[str] = No
             ds_json.unlink(missing_ok=True)      # never leave a dataset.json that disagrees with the folder
         else:
             for r in summary.failed:             # outputs of an earlier successful run of a now-failing case
-                for p in _outputs(out, next(c for c in cases if c.case_id == r.case_id)):
+                for p in case_outputs(out, next(c for c in cases if c.case_id == r.case_id)):
                     p.unlink(missing_ok=True)
-                _record_path(out, r.case_id).unlink(missing_ok=True)
+                record_path(out, r.case_id).unlink(missing_ok=True)
             _write_dataset_json(source, out, summary, input_dir, opts)
             summary.dataset_json_written = True
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -312,10 +243,10 @@ def convert(source: Source, input_dir, dataset_id: int, name: Optional[str] = No
 def _check_ours(out: Path, cases: List[CaseFiles]) -> None:
     """Refuse, naming it, any file convert would delete or overwrite without having written it: files of
     imagesTr/labelsTr/imagesTs it does not produce, an output without its case record, a foreign dataset.json."""
-    expected = {p: c for c in cases for p in _outputs(out, c)}
+    expected = {p: c for c in cases for p in case_outputs(out, c)}
 
     def ours(p: Path) -> bool:
-        return p in expected and _record_path(out, expected[p].case_id).is_file()
+        return p in expected and record_path(out, expected[p].case_id).is_file()
     foreign = foreign_entries([out / sub for sub in ("imagesTr", "labelsTr", "imagesTs")], ours)
     stale = [p for p in foreign if p not in expected]
     if stale:
@@ -341,7 +272,7 @@ def _run_cases(source: Source, cases: List[CaseFiles], out: Path, input_dir: Pat
     results: Dict[str, CaseResult] = {}
     todo = []
     for c in cases:
-        done = _load_done(source, c, out, input_dir, opts)
+        done = load_done(source, c, out, input_dir, opts)
         if done is not None:
             results[c.case_id] = done
         else:
