@@ -79,10 +79,10 @@ class Fixture:
 
 def code(classes: Sequence[str]) -> int:
     """DSM integer of a voxel carrying ``classes`` (via :func:`nnunetv2_dsm.labels.encode`)."""
-    mh = np.zeros((NUM_CLASSES, 1), bool)
-    for n in classes:
-        mh[class_index(n) - 1, 0] = True
-    return int(encode(mh)[0])
+    multi_hot = np.zeros((NUM_CLASSES, 1), bool)
+    for name in classes:
+        multi_hot[class_index(name) - 1, 0] = True
+    return int(encode(multi_hot)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,10 +106,10 @@ class Grid:
 
     @property
     def direction(self) -> np.ndarray:
-        d = np.zeros((3, 3))
-        for m, (a, s) in enumerate(self.axes):
-            d[a, m] = s
-        return d
+        matrix = np.zeros((3, 3))
+        for column, (axis, sign) in enumerate(self.axes):
+            matrix[axis, column] = sign
+        return matrix
 
     @property
     def origin(self) -> np.ndarray:
@@ -235,8 +235,8 @@ def write_png(path: Path, mask: np.ndarray, one_bit: bool) -> None:
     """A per-slice mask PNG: 1-bit (mode "1") or 8-bit 0/255."""
     from PIL import Image
     path.parent.mkdir(parents=True, exist_ok=True)
-    m = np.asarray(mask, bool)
-    (Image.fromarray(m) if one_bit else Image.fromarray(m.astype(np.uint8) * 255)).save(path)
+    binary = np.asarray(mask, bool)
+    (Image.fromarray(binary) if one_bit else Image.fromarray(binary.astype(np.uint8) * 255)).save(path)
 
 
 def write_junk(folder: Path, name: str) -> None:

@@ -35,11 +35,11 @@ def _ts_case(folder: Path, names, version: str, shift: int) -> FixtureCase:
             sc.put(name, expect, "left" if "left" in name or name in ("spleen", "stomach") else "right")
     for lobe, side in TS_LOBES.items():
         sc.put(lobe, ("Right Lung" if side == "right" else "Left Lung",), side, hu=-800)
-    kl = next(b for b in sc.boxes if b.raw == "kidney_left")
+    kl = next(box for box in sc.boxes if box.raw == "kidney_left")
     if version == "v2":
         sc.put("prostate", ("Prostate",), "right")
         sc.inner(kl, "kidney_cyst_left", ("Left Kidney", "Kidney Cyst"))     # later in class order: wins
-        kr = next(b for b in sc.boxes if b.raw == "kidney_right")
+        kr = next(box for box in sc.boxes if box.raw == "kidney_right")
         sc.inner(kr, "kidney_cyst_right", ("Right Kidney", "Kidney Cyst"))
         sc.put("heart", (), "left")
     else:
@@ -47,11 +47,11 @@ def _ts_case(folder: Path, names, version: str, shift: int) -> FixtureCase:
     write_scene(folder / "ct.nii.gz", None, sc.boxes, RAS)
     pts = voxel_centres(RAS.reference())
     for n in names:
-        m = np.zeros(pts.shape[1:], np.uint8)
-        for b in sc.boxes:
-            if b.raw == n:
-                m[inside(pts, b)] = 1
-        write_nifti(folder / "segmentations" / f"{n}.nii.gz", m, RAS, np.uint8)
+        mask = np.zeros(pts.shape[1:], np.uint8)
+        for box in sc.boxes:
+            if box.raw == n:
+                mask[inside(pts, box)] = 1
+        write_nifti(folder / "segmentations" / f"{n}.nii.gz", mask, RAS, np.uint8)
     annotated = sorted({c for e in TS_EXPECT.values() for c in e} | {"Right Lung", "Left Lung"}
                        | ({"Prostate", "Kidney Cyst"} if version == "v2" else set()))
     return FixtureCase(f"TS_{folder.name}", sc.boxes, annotated=tuple(annotated))

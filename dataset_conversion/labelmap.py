@@ -30,11 +30,11 @@ STRADDLE_FRACTION = 0.2   # a component with more than this share of voxels on e
 @lru_cache(maxsize=None)
 def code_of(organ: Optional[str], tumour: Optional[str]) -> int:
     """DSM integer of a voxel that is ``organ`` (concrete side) and/or ``tumour``."""
-    mh = np.zeros((NUM_CLASSES, 1), dtype=bool)
-    for n in (organ, tumour):
-        if n:
-            mh[class_index(n) - 1, 0] = True
-    return int(encode(mh)[0])
+    multi_hot = np.zeros((NUM_CLASSES, 1), dtype=bool)
+    for name in (organ, tumour):
+        if name:
+            multi_hot[class_index(name) - 1, 0] = True
+    return int(encode(multi_hot)[0])
 
 
 def side_codes(target: Target) -> Tuple[int, int]:

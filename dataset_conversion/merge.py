@@ -65,13 +65,15 @@ class MergeSummary:
 
     def table(self) -> str:
         """Per source: cases in train / test / inference."""
-        c = self.counts()
-        w = max([len(s) for s in c] + [6])
-        lines = [f"nnUNetv2_dsm_merge -> {self.dataset_dir}", f"  {'source':<{w}}  " + "  ".join(f"{s:>9}" for s in SUBSETS)]
-        lines += [f"  {s:<{w}}  " + "  ".join(f"{c[s][k]:>9}" for k in SUBSETS) for s in sorted(c)]
-        lines.append(f"  {'total':<{w}}  " + "  ".join(f"{sum(c[s][k] for s in c):>9}" for k in SUBSETS))
-        lines.append("  files: " + ", ".join(f"{n} {m}" for m, n in sorted(self.links.items())) if self.links else
-                     "  files: all already in place")
+        counts = self.counts()
+        width = max([len(s) for s in counts] + [6])
+        lines = [f"nnUNetv2_dsm_merge -> {self.dataset_dir}",
+                 f"  {'source':<{width}}  " + "  ".join(f"{s:>9}" for s in SUBSETS)]
+        lines += [f"  {s:<{width}}  " + "  ".join(f"{counts[s][k]:>9}" for k in SUBSETS) for s in sorted(counts)]
+        lines.append(f"  {'total':<{width}}  "
+                     + "  ".join(f"{sum(counts[s][k] for s in counts):>9}" for k in SUBSETS))
+        lines.append("  files: " + ", ".join(f"{count} {how}" for how, count in sorted(self.links.items()))
+                     if self.links else "  files: all already in place")
         return "\n".join(lines)
 
 
@@ -219,9 +221,9 @@ def merge(inputs: Sequence[str], dataset_id: int, sources: Sequence[str] = (), n
     subsets = split_subsets({c: e["source"] for c, e in entries.items()}, seed, train_fraction)
     wanted: Dict[Path, Path] = {}                                  # destination -> source file
     for cid in sorted(entries):
-        tr = "Tr" if subsets[cid] == "train" else "Ts"
+        half = "Tr" if subsets[cid] == "train" else "Ts"
         for kind, src in zip(("images", "labels"), files[cid]):
-            wanted[out / f"{kind}{tr}" / src.name] = src
+            wanted[out / f"{kind}{half}" / src.name] = src
     summary = MergeSummary(out, subsets, {c: e["source"] for c, e in entries.items()})
     with output_lock(out, PROG):
         _place_all(out, wanted, link, summary)

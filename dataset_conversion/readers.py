@@ -266,13 +266,14 @@ def exact_permutation(label: sitk.Image, image: sitk.Image):
     ``perm[j]`` (reversed if ``flip[j]``). Otherwise None."""
     a_l, o_l = _index_affine(label)
     a_i, o_i = _index_affine(image)
-    m = np.linalg.solve(a_l, a_i)
+    index_map = np.linalg.solve(a_l, a_i)          # image index -> label index (a signed permutation if exact)
     c = np.linalg.solve(a_l, o_i - o_l)
-    r = np.rint(m)
-    if not np.allclose(m, r, atol=1e-3) or sorted(np.abs(r).sum(0)) != [1, 1, 1] or sorted(np.abs(r).sum(1)) != [1, 1, 1]:
+    rounded = np.rint(index_map)
+    one_per_axis = sorted(np.abs(rounded).sum(0)) == [1, 1, 1] and sorted(np.abs(rounded).sum(1)) == [1, 1, 1]
+    if not np.allclose(index_map, rounded, atol=1e-3) or not one_per_axis:
         return None
-    perm = [int(np.argmax(np.abs(r[j]))) for j in range(3)]
-    flip = [bool(r[j, perm[j]] < 0) for j in range(3)]
+    perm = [int(np.argmax(np.abs(rounded[j]))) for j in range(3)]
+    flip = [bool(rounded[j, perm[j]] < 0) for j in range(3)]
     size_l, size_i = label.GetSize(), image.GetSize()
     for j in range(3):
         want = size_l[j] - 1 if flip[j] else 0

@@ -164,20 +164,14 @@ class Source:
 # ---------------------------------------------------------------------------------------------------------------
 # helpers for find_cases
 
-def is_junk(path: Path) -> bool:
-    """macOS AppleDouble files (``._x``), hidden files, ``__MACOSX`` folders."""
-    path = Path(path)
-    return path.name.startswith(".") or "__MACOSX" in path.parts
-
-
 def walk_files(root: Path) -> Iterable[Path]:
     """All non-junk files below ``root`` (junk folders are not entered), sorted for determinism. Symlinked folders
     are followed once: a link back to a folder already entered (a loop, or a second link to the same folder) is an
     :class:`InputError` naming the link, not a flood of duplicate case ids."""
     seen = {}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        key = (st.st_dev, st.st_ino)
+        stat = os.stat(dirpath)
+        key = (stat.st_dev, stat.st_ino)
         if key in seen:
             dirnames[:] = []
             raise InputError(f"{dirpath} leads back to {seen[key]} (a symbolic link loop or a second link to the "
@@ -205,12 +199,12 @@ def match_files(root: Path, pattern: str, files: Optional[Iterable[Path]] = None
 
     The same id found twice is an :class:`InputError` naming both files.
     """
-    rx = re.compile(pattern)
+    regex = re.compile(pattern)
     found: Dict[str, Path] = {}
     for f in (walk_files(root) if files is None else files):
-        m = rx.fullmatch(f.name)
-        if m:
-            key = m.group(1)
+        match = regex.fullmatch(f.name)
+        if match:
+            key = match.group(1)
             if key in found:
                 raise InputError(f"two files for the same case id {key!r}: {found[key]} and {f}. Remove the "
                                  f"duplicate copy (e.g. an extra unpacked archive) and run again.")

@@ -43,16 +43,16 @@ class Summary:
         return not self.failed
 
     def table(self) -> str:
-        tr = [r for r in self.results if r.status != "failed" and not r.test]
-        ts = [r for r in self.results if r.status != "failed" and r.test]
+        train = [r for r in self.results if r.status != "failed" and not r.test]
+        test = [r for r in self.results if r.status != "failed" and r.test]
         lines = [f"nnUNetv2_dsm_convert {self.source} -> {self.dataset_dir}",
-                 f"  labelled cases (imagesTr): {len(tr)} ({len(self.by_status('written', False))} written, "
+                 f"  labelled cases (imagesTr): {len(train)} ({len(self.by_status('written', False))} written, "
                  f"{len(self.by_status('done', False))} already done)",
-                 f"  test images (imagesTs):    {len(ts)} ({len(self.by_status('written', True))} written, "
+                 f"  test images (imagesTs):    {len(test)} ({len(self.by_status('written', True))} written, "
                  f"{len(self.by_status('done', True))} already done)",
                  f"  skipped: {len(self.notes.skipped)}    failed: {len(self.failed)}"]
-        annotated = {n: sum(n in r.annotated for r in tr) for n in CLASS_NAMES}
-        present = {n: sum(n in r.present for r in tr) for n in CLASS_NAMES}
+        annotated = {n: sum(n in r.annotated for r in train) for n in CLASS_NAMES}
+        present = {n: sum(n in r.present for r in train) for n in CLASS_NAMES}
         rows = [n for n in CLASS_NAMES if annotated[n] or present[n]]
         if rows:
             w = max(len(n) for n in rows)

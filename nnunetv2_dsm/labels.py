@@ -100,11 +100,6 @@ def class_name(index: int) -> str:
     return CLASS_NAMES[index - 1]
 
 
-def is_tumour(name_or_index) -> bool:
-    idx = name_or_index if isinstance(name_or_index, (int, np.integer)) else class_index(name_or_index)
-    return idx > NUM_ORGANS
-
-
 def _build_composites() -> Dict[Tuple[int, Optional[int]], int]:
     table, value = {}, NUM_ORGANS + 1
     for tumour in TUMOUR_NAMES:
@@ -177,15 +172,15 @@ def encode(multi_hot: np.ndarray) -> np.ndarray:
     A voxel may carry at most one organ and at most one tumour, and a tumour voxel's organ must be one of that
     tumour's hosts (or absent, meaning "host not annotated"). Anything else raises ``ValueError``.
     """
-    mh = np.asarray(multi_hot).astype(bool)
-    if mh.shape[0] != NUM_CLASSES:
-        raise ValueError(f"multi-hot must have {NUM_CLASSES} channels first, got shape {mh.shape}")
-    organs, tumours = mh[:NUM_ORGANS], mh[NUM_ORGANS:]
+    multi_hot = np.asarray(multi_hot).astype(bool)
+    if multi_hot.shape[0] != NUM_CLASSES:
+        raise ValueError(f"multi-hot must have {NUM_CLASSES} channels first, got shape {multi_hot.shape}")
+    organs, tumours = multi_hot[:NUM_ORGANS], multi_hot[NUM_ORGANS:]
     for part, what in ((organs, "organs"), (tumours, "tumours")):
         if (part.sum(0) > 1).any():
             raise ValueError(f"{int((part.sum(0) > 1).sum())} voxels carry more than one of the {what}; "
                              f"the DSM encoding allows one organ and one tumour per voxel")
-    out = np.zeros(mh.shape[1:], dtype=LABEL_DTYPE)
+    out = np.zeros(multi_hot.shape[1:], dtype=LABEL_DTYPE)
     organ_of = np.where(organs.any(0), organs.argmax(0) + 1, 0)
     out[organ_of > 0] = organ_of[organ_of > 0]
     tumour_of = np.where(tumours.any(0), tumours.argmax(0) + NUM_ORGANS + 1, 0)
@@ -226,10 +221,10 @@ def dataset_json_labels() -> Dict[str, object]:
 
 def multi_hot_from_classes(class_masks: Dict[str, np.ndarray], shape: Sequence[int]) -> np.ndarray:
     """Build a (45, *shape) multi-hot from per-class boolean masks keyed by class name (masks are OR-ed)."""
-    mh = np.zeros((NUM_CLASSES, *shape), dtype=bool)
+    multi_hot = np.zeros((NUM_CLASSES, *shape), dtype=bool)
     for name, mask in class_masks.items():
-        mh[class_index(name) - 1] |= np.asarray(mask, dtype=bool)
-    return mh
+        multi_hot[class_index(name) - 1] |= np.asarray(mask, dtype=bool)
+    return multi_hot
 
 
 def names_to_indices(names: Iterable[str]) -> List[int]:

@@ -7,7 +7,7 @@ from typing import Dict, List
 from ..spec import InputError, Source
 from . import abdomenct1k, amos, btcv, chaos, ct_org, kits, lits, msd, pancreas_ct, totalsegmentator, word
 
-SOURCES: Dict[str, Source] = {m.SOURCE.name: m.SOURCE for m in (
+SOURCES: Dict[str, Source] = {module.SOURCE.name: module.SOURCE for module in (
     btcv, chaos, pancreas_ct, ct_org, word, amos, totalsegmentator, abdomenct1k, lits, kits, msd)}
 
 

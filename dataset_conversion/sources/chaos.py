@@ -24,9 +24,9 @@ def _indexed(files: List[Path], patterns) -> Dict[int, Path]:
     out: Dict[int, Path] = {}
     for f in files:
         for p in patterns:
-            m = re.fullmatch(p, f.name)
-            if m:
-                k = int(m.group(1))
+            match = re.fullmatch(p, f.name)
+            if match:
+                k = int(match.group(1))
                 if k in out:
                     raise InputError(f"two slices with index {k}: {out[k]} and {f}; remove the duplicate.")
                 out[k] = f
@@ -86,11 +86,11 @@ def read_label(case: CaseFiles, image, ctx) -> np.ndarray:
     rows, cols = image.GetSize()[1], image.GetSize()[0]
     stack = np.zeros((len(case.label), rows, cols), dtype=np.uint8)
     for z, i in enumerate(case.info["order"]):           # the DICOM file at volume slice z is files[i]
-        m = readers.read_png_mask(case.label[i])
-        if m.shape != (rows, cols):
-            raise CaseError(f"{case.label[i]} is {m.shape[1]}x{m.shape[0]} pixels but its DICOM slice "
+        mask = readers.read_png_mask(case.label[i])
+        if mask.shape != (rows, cols):
+            raise CaseError(f"{case.label[i]} is {mask.shape[1]}x{mask.shape[0]} pixels but its DICOM slice "
                             f"{case.image[i]} is {cols}x{rows}; the mask does not belong to this series.")
-        stack[z] = m
+        stack[z] = mask
     return stack
 
 

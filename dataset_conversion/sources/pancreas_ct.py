@@ -26,7 +26,7 @@ def find_cases(root: Path, notes: Notes) -> List[CaseFiles]:
     for f in files:
         if f.suffix.lower() != ".dcm":
             continue
-        pid = next((m.group(1) for m in map(PATIENT.fullmatch, f.parts) if m), None)
+        pid = next((match.group(1) for match in map(PATIENT.fullmatch, f.parts) if match), None)
         if pid is not None:
             series.setdefault(pid, []).append(f)
     labels = match_files(root, LABEL, files)

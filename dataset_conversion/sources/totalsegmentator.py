@@ -21,9 +21,10 @@ _VERT = [f"vertebrae_{v}" for v in ["L5", "L4", "L3", "L2", "L1"] + [f"T{i}" for
 _RIBS = [f"rib_{side}_{i}" for side in ("left", "right") for i in range(1, 13)]
 _LOBES = ["lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right", "lung_middle_lobe_right",
           "lung_lower_lobe_right"]
-_MUSCLES = [f"{m}_{s}" for m in ("gluteus_maximus", "gluteus_medius", "gluteus_minimus") for s in ("left", "right")] \
+_MUSCLES = [f"{muscle}_{side}" for muscle in ("gluteus_maximus", "gluteus_medius", "gluteus_minimus")
+            for side in ("left", "right")] \
     + ["autochthon_left", "autochthon_right", "iliopsoas_left", "iliopsoas_right"]
-_LIMBS = [f"{b}_{s}" for b in ("humerus", "scapula", "clavicula", "femur", "hip") for s in ("left", "right")]
+_LIMBS = [f"{bone}_{side}" for bone in ("humerus", "scapula", "clavicula", "femur", "hip") for side in ("left", "right")]
 
 # class_map["total"] (v2) and class_map["total_v1"] in TotalSegmentator's map_to_binary.py, in id order
 V2_NAMES = (["spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
@@ -114,16 +115,16 @@ def read_label(case: CaseFiles, image, ctx) -> np.ndarray:
     raw = np.zeros(image.GetSize()[::-1], np.uint8)
     for i, n in enumerate(order):
         path = Path(case.label[n])
-        m = readers.align_label(readers.read_label_file(path), image, "same", path, ctx.image_name)
-        if np.issubdtype(m.dtype, np.floating):
-            m = readers.to_int_labels(m, path)
-        top = m.max() if m.size else 0
+        label = readers.align_label(readers.read_label_file(path), image, "same", path, ctx.image_name)
+        if np.issubdtype(label.dtype, np.floating):
+            label = readers.to_int_labels(label, path)
+        top = label.max() if label.size else 0
         if top == 0:
             continue
-        if top > 1 or m.min() < 0:
+        if top > 1 or label.min() < 0:
             raise CaseError(f"{path} holds values other than 0/1 (max {top}); a TotalSegmentator mask is binary. "
                             f"Is a multi-label file in segmentations/?")
-        np.copyto(raw, np.uint8(i + 1), where=m.astype(bool, copy=False))
+        np.copyto(raw, np.uint8(i + 1), where=label.astype(bool, copy=False))
     return raw
 
 
