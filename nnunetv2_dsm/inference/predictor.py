@@ -37,12 +37,12 @@ from nnunetv2_dsm.cli.errors import UserError
 from nnunetv2_dsm.inference.export import (atomic_target, atomic_write_text, label_map, resampled_channels,
                                            to_input_grid, to_original_grid, write_float_image, write_seg)
 from nnunetv2_dsm.inference.inputs import InputCase, InputError, find_cases, load_case, select_part
+from nnunetv2_dsm.inference.model_zip import TEXT_INFO_FILE  # noqa: F401 (the Stage 2 trainer imports it from here)
 from nnunetv2_dsm.inference.open_vocabulary import OpenVocabularyOutputs
 from nnunetv2_dsm.inference.outputs import (CLEAN_NAMES, PREVIEW_FOLDER, STATISTICS_FOLDER, class_statistics,
                                             write_label_tables, write_preview)
 from nnunetv2_dsm.labels import LABEL_DTYPE, NUM_CLASSES
 
-TEXT_INFO_FILE = "dsm_text.json"  # written by the Stage 2 trainer next to plans.json
 OUTPUT_TYPES = ("nifti", "dicom_seg")
 
 
@@ -110,20 +110,27 @@ def check_model_folder(model_folder: str, folds, checkpoint_name: str) -> None:
 
 
 def prompt_embeddings(prompts: Sequence[str], model_folder: str, opts: PredictOptions) -> torch.Tensor:
-    """CLIP embeddings of the prompts with the text model the checkpoint was trained with (cached per prompt)."""
+    """CLIP embeddings (P, 512) of the prompts with the text model the checkpoint was trained with, from the caches
+    (model folder, dataset, the model's dataset.json record) or, for new prompts, the text tower."""
+    import tempfile
+    from nnunetv2_dsm.inference.model_zip import text_record
     from nnunetv2_dsm.text import DEFAULT_MODEL, embed_prompts
-    info_file = os.path.join(model_folder, TEXT_INFO_FILE)
-    info = json.load(open(info_file)) if os.path.isfile(info_file) else {}
+    info, shipped = text_record(model_folder)
     weights = opts.clip_weights or info.get("weights")
     if not info:
-        print(f"WARNING: {info_file} is missing (a model installed from nnUNetv2_export_model_to_zip, which leaves it "
-              f"out?): prompts are embedded with the default CLIP model and weights, which may not be the ones this "
-              f"model was trained with. Share DSM models with nnUNetv2_dsm_export_model_to_zip.")
+        print(f"WARNING: {os.path.join(model_folder, TEXT_INFO_FILE)} is missing (a model shared without it?): "
+              f"prompts are embedded with the default CLIP model and weights, which may not be the ones this model "
+              f"was trained with. Share DSM models with nnUNetv2_dsm_export_model_to_zip.")
     if info and not info.get("trained_weights", True) and not opts.clip_weights:
         print(f"WARNING: this model was trained with UNTRAINED (random) CLIP text embeddings ({info.get('weights')}): "
               f"free-text prompts are matched to queries by random vectors, not by meaning.")
-    return embed_prompts(list(prompts), model_name=info.get("model", DEFAULT_MODEL), clip_weights=weights,
-                         random_weights=opts.random_weights, cache_file=prompt_cache_files(model_folder))
+    with tempfile.TemporaryDirectory() as tmp:
+        caches = prompt_cache_files(model_folder)
+        if shipped is not None:  # the embeddings shipped in dataset.json, as a read-only cache file
+            torch.save(shipped, os.path.join(tmp, "shipped.pt"))
+            caches.append(os.path.join(tmp, "shipped.pt"))
+        return embed_prompts(list(prompts), model_name=info.get("model", DEFAULT_MODEL), clip_weights=weights,
+                             random_weights=opts.random_weights, cache_file=caches)
 
 
 def prompt_cache_files(model_folder: str) -> List[str]:
