@@ -60,9 +60,14 @@ def _blob(grid: np.ndarray, centre, axes, rng: np.random.Generator, wobble: floa
 
 def make_case(shape: Sequence[int] = (48, 48, 48), spacing: Sequence[float] = (3.0, 3.0, 3.0), seed: int = 0,
               tumours: Sequence[str] = (), organs: Sequence[str] = PHANTOM_ORGANS,
-              tumour_radius: Optional[float] = None) -> PhantomCase:
-    """One phantom CT with ``organs`` and a tumour of each type in ``tumours`` inside (one of) its host organ(s)."""
+              tumour_radius: Optional[float] = None, variation: float = 0.0) -> PhantomCase:
+    """One phantom CT with ``organs`` and a tumour of each type in ``tumours`` inside (one of) its host organ(s).
+
+    ``variation`` > 0 also varies the anatomy: each organ's semi-axes are scaled by a factor in
+    [1 - variation, 1 + variation] per axis and its centre moved by up to ``variation / 5`` per axis, drawn from a
+    second generator seeded by ``seed`` (so ``variation=0``, the default, gives exactly the same case as before)."""
     rng = np.random.default_rng(seed)
+    anatomy = np.random.default_rng([int(seed), 1]) if variation > 0 else None
     shape = tuple(int(s) for s in shape)
     grid = np.stack(np.meshgrid(*[np.linspace(0, 1, s, dtype=np.float32) for s in shape], indexing="ij"))
     jitter = lambda c: tuple(ci + rng.uniform(-0.02, 0.02) for ci in c)  # noqa: E731
@@ -75,6 +80,9 @@ def make_case(shape: Sequence[int] = (48, 48, 48), spacing: Sequence[float] = (3
     multi_hot = np.zeros((NUM_CLASSES, *shape), dtype=bool)
     for name in organs:
         centre, axes = _LAYOUT[name]
+        if anatomy is not None:
+            axes = tuple(a * anatomy.uniform(1 - variation, 1 + variation) for a in axes)
+            centre = tuple(c + anatomy.uniform(-variation / 5, variation / 5) for c in centre)
         mask = _blob(grid, jitter(centre), axes, rng) & body
         mask &= ~multi_hot[:25].any(0)  # organs do not overlap; earlier ones win
         image[mask] = ORGAN_HU[name]

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence
 
 from nnunetv2_dsm.demo.clip import ClipChoice, choose_clip_weights
 from nnunetv2_dsm.demo.sources import HELD_OUT_CLASS, HELD_OUT_PROMPT, SOURCES, write_source
@@ -36,6 +36,7 @@ ENTRY_POINTS = {  # console script -> module:function, used when the script is n
                                     "plan_and_preprocess_entry",
     "nnUNetv2_dsm_embed_prompts": "nnunetv2_dsm.cli.embed_prompts:main",
     "nnUNetv2_train": "nnunetv2.run.run_training:run_training_entry",
+    "nnUNetv2_predict": "nnunetv2.inference.predict_from_raw_data:predict_entry_point",
     "nnUNetv2_dsm_predict": "nnunetv2_dsm.cli.predict:main",
     "nnUNetv2_dsm_evaluate": "nnunetv2_dsm.cli.evaluate:main",
 }
@@ -78,7 +79,12 @@ class Step:
 
 @dataclass
 class Demo:
-    """One demo run in ``output`` (see the module docstring). :meth:`run` returns the exit status."""
+    """One demo run in ``output`` (see the module docstring). :meth:`run` returns the exit status. Subclasses (the
+    accuracy benchmark) reuse the driver with their own :meth:`steps` and the names below."""
+    title: ClassVar[str] = "DSM demo"
+    prog: ClassVar[str] = "nnUNetv2_dsm_demo"
+    state_file: ClassVar[str] = STATE_FILE
+    report_name: ClassVar[str] = "report.md"
     output: Path
     clip_weights: Optional[str] = None
     quick: bool = False
@@ -164,8 +170,8 @@ class Demo:
         js = json.loads((self.dataset_dir / "dataset.json").read_text())
         return {c: e["subset"] for c, e in js["dsm_manifest"]["cases"].items()}
 
-    def trained(self, trainer: str) -> Path:
-        return self.res / DATASET / f"{trainer}__nnUNetPlans__{CONFIG}" / f"fold_{FOLD}"
+    def trained(self, trainer: str, dataset: str = DATASET, results: Optional[Path] = None) -> Path:
+        return Path(results or self.res) / dataset / f"{trainer}__nnUNetPlans__{CONFIG}" / f"fold_{FOLD}"
 
     def test_cases(self) -> List[str]:
         return sorted(p.name[:-len("_0000.nii.gz")] for p in (self.dataset_dir / "imagesTs").glob("*_0000.nii.gz"))
@@ -231,14 +237,21 @@ class Demo:
         self.call("embed", "nnUNetv2_dsm_embed_prompts", "-d", DATASET_ID, *self.clip.args, "--force",
                   "--extra-prompts", HELD_OUT_PROMPT)
 
-    def do_train(self, step: str, trainer: str) -> None:
-        folder = self.trained(trainer)
-        resume = self._previous.get("status") == "running" and self._previous.get("key") == trainer and \
+    def do_train(self, step: str, trainer: str, dataset_id: int = DATASET_ID, dataset: str = DATASET,
+                 results: Optional[Path] = None, epochs: Optional[int] = None, key: Optional[str] = None,
+                 **env: str) -> None:
+        """``nnUNetv2_train`` of ``trainer`` on ``dataset_id`` (``results``: another nnUNet_results folder; ``env``:
+        extra environment variables; ``key``: the step key an interrupted run of it was recorded with)."""
+        folder = self.trained(trainer, dataset, results)
+        resume = self._previous.get("status") == "running" and self._previous.get("key") == (key or trainer) and \
             (folder / "checkpoint_latest.pth").is_file()
         if resume:
             self.echo("    resuming the interrupted training from checkpoint_latest.pth (--c)")
-        self.call(step, "nnUNetv2_train", DATASET_ID, CONFIG, FOLD, "-tr", trainer, "-device", self.device,
-                  *(["--c"] if resume else []), live=EpochPrinter(self.echo, trainer_epochs(trainer)))
+        if results is not None:
+            env["nnUNet_results"] = str(results)
+        self.call(step, "nnUNetv2_train", dataset_id, CONFIG, FOLD, "-tr", trainer, "-device", self.device,
+                  *(["--c"] if resume else []), live=EpochPrinter(self.echo, epochs or trainer_epochs(trainer)),
+                  **env)
 
     def predictions_complete(self) -> bool:
         cases = self.test_cases()
@@ -291,23 +304,23 @@ class Demo:
     # ---- driver ------------------------------------------------------------------------------------------------
     def _save_state(self) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
-        tmp = self.output / (STATE_FILE + ".tmp")
+        tmp = self.output / (self.state_file + ".tmp")
         tmp.write_text(json.dumps(self.state, indent=1))
-        os.replace(tmp, self.output / STATE_FILE)
+        os.replace(tmp, self.output / self.state_file)
 
     def run(self) -> int:
         """Run (or resume) every step; returns 0 when all succeeded, 1 otherwise (130 when interrupted)."""
-        state_path = self.output / STATE_FILE
+        state_path = self.output / self.state_file
         self.state = json.loads(state_path.read_text()) if state_path.is_file() else {}
         if self.state.get("preset", self.preset.name) != self.preset.name:
-            self.echo(f"nnUNetv2_dsm_demo: error: {self.output} holds a '{self.state['preset']}' run; this is a "
+            self.echo(f"{self.prog}: error: {self.output} holds a '{self.state['preset']}' run; this is a "
                       f"'{self.preset.name}' run. Use another --output, or delete that folder.")
             return 2
         self.clip = choose_clip_weights(self.clip_weights)
         self.state.update(preset=self.preset.name, preset_settings=asdict(self.preset), device=self.device,
                           clip=asdict(self.clip), started=self.state.get("started", time.strftime("%Y-%m-%d %H:%M")))
         self.state.setdefault("steps", {})
-        self.echo(f"DSM demo ({self.preset.name} settings) in {self.output}\n  CLIP weights: {self.clip.describe}")
+        self.echo(f"{self.title} ({self.preset.name} settings) in {self.output}\n  CLIP weights: {self.clip.describe}")
         steps, rerun, failed = self.steps(), False, []
         for i, step in enumerate(steps, 1):
             rec = self.state["steps"].get(step.name, {})
@@ -342,9 +355,9 @@ class Demo:
             self.state["steps"][step.name].update(status=status, seconds=time.time() - t)
             self._save_state()
             self.echo(f"  {status} in {_clock(time.time() - t)}")
-        self.echo(f"\nDSM demo finished in {_clock(time.time() - self._t0)}"
+        self.echo(f"\n{self.title} finished in {_clock(time.time() - self._t0)}"
                   + (f" with failed steps: {', '.join(failed)}" if failed else "") + f"\n  report: "
-                  f"{self.output / 'report.md'}")
+                  f"{self.output / self.report_name}")
         if not self.clip.trained:
             self.echo(self.clip.warning())
         return 1 if failed else 0

@@ -163,15 +163,26 @@ def _dataset_files(source: str, root: Path, case_ids: List[str]) -> None:
                           "label": f"./labelsTr/{c.split('_', 1)[1]}.nii.gz"} for c in case_ids], "test": []}))
 
 
+def case_seed(source: str, i: int, seed: int = 0) -> int:
+    """The phantom seed of case ``i`` of ``source`` in the phantom drawn with ``seed`` (0: the demo's phantom)."""
+    if seed < 0:
+        raise ValueError(f"the phantom seed must be >= 0, got {seed}")
+    return SOURCES[source].seed + i + 100_000 * seed
+
+
 def write_source(source: str, root, n_cases: int, shape: Sequence[int] = (48, 48, 48),
-                 spacing: Sequence[float] = (3.0, 3.0, 3.0)) -> List[PhantomCaseFiles]:
+                 spacing: Sequence[float] = (3.0, 3.0, 3.0), seed: int = 0,
+                 variation: float = 0.0) -> List[PhantomCaseFiles]:
     """Write ``n_cases`` phantom cases of ``source`` (a key of :data:`SOURCES`) in its distributed layout under
-    ``root`` (the converter's INPUT_DIR). Returns the files per expected case id. Deterministic (seeded)."""
+    ``root`` (the converter's INPUT_DIR). Returns the files per expected case id. Deterministic (seeded): ``seed``
+    draws another phantom (tumour positions and sizes, organ shapes; with ``variation`` > 0 also organ sizes and
+    positions, see :func:`~nnunetv2_dsm.phantom.make_case`); the defaults give the demo's phantom."""
     spec, root = SOURCES[source], Path(root)
     out = []
     for i in range(n_cases):
         case_id, img_path, lab_path, grid, kw = _LAYOUTS[source](root, i)
-        case = make_case(shape, spacing, seed=spec.seed + i, tumours=spec.tumours_of(i))
+        case = make_case(shape, spacing, seed=case_seed(source, i, seed), tumours=spec.tumours_of(i),
+                         variation=variation)
         _write(case.image, raw_label(case.multi_hot, spec.raw_table), case.spacing, grid, img_path, lab_path, **kw)
         out.append(PhantomCaseFiles(case_id, img_path, lab_path))
     _dataset_files(source, root, [c.case_id for c in out])
@@ -179,11 +190,13 @@ def write_source(source: str, root, n_cases: int, shape: Sequence[int] = (48, 48
 
 
 def expected_multi_hot(source: str, i: int, shape: Sequence[int] = (48, 48, 48),
-                       spacing: Sequence[float] = (3.0, 3.0, 3.0)) -> Tuple[np.ndarray, np.ndarray]:
+                       spacing: Sequence[float] = (3.0, 3.0, 3.0), seed: int = 0,
+                       variation: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
     """(image, multi-hot restricted to the source's classes) that case ``i`` of ``source`` must convert to (LPS)."""
     from nnunetv2_dsm.phantom import restrict_to_annotated
     spec = SOURCES[source]
-    case = make_case(shape, spacing, seed=spec.seed + i, tumours=spec.tumours_of(i))
+    case = make_case(shape, spacing, seed=case_seed(source, i, seed), tumours=spec.tumours_of(i),
+                     variation=variation)
     annotated = sorted({c for _, classes in spec.raw_table for c in classes})
     mh = restrict_to_annotated(case.multi_hot, annotated)
     tumours = [class_index(c) - 1 for _, classes in spec.raw_table for c in classes if class_index(c) > 25]
