@@ -101,7 +101,7 @@ def test_stage1_tiny_trains_and_predicts_through_the_stock_commands(stage1):
     log = next(out_dir.glob("training_log_*.txt")).read_text()
     assert "DSM Stage 1: 10 training / 2 validation cases" in log
     assert "Validation on each case's annotated classes" in log
-    dsm_summary = json.loads((out_dir / "validation" / "dsm" / "summary.json").read_text())
+    dsm_summary = json.loads((out_dir / "validation" / "dsm" / "dsm_summary.json").read_text())
     assert "Liver" in json.dumps(dsm_summary) and "Liver Tumor" not in json.dumps(dsm_summary)
     pred = root / "pred_stage1"
     run(["nnUNetv2_predict", "-i", str(root / "raw" / DATASET / "imagesTs"), "-o", str(pred), "-d", "901", "-c",

@@ -16,6 +16,7 @@ from typing import Dict, List, Tuple
 import torch
 from nnunetv2.paths import nnUNet_results
 
+from nnunetv2_dsm.inference.model_zip import record_text_in_dataset_json
 from nnunetv2_dsm.training.trainers import ShortRunMixin, nnUNetTrainerDSMBase, unwrap
 
 STAGE1_CHECKPOINT_ENV = "nnUNet_dsm_stage1_checkpoint"
@@ -93,6 +94,12 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         from nnunetv2_dsm.inference.predictor import TEXT_INFO_FILE
         save_json({k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))},
                   os.path.join(self.output_folder_base, TEXT_INFO_FILE))
+        record_text_in_dataset_json(self.output_folder_base)
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.local_rank == 0:  # again: a resumed run (--c) has had nnU-Net copy dataset.json over the record
+            record_text_in_dataset_json(self.output_folder_base)
 
     def on_train_start(self):
         super().on_train_start()

@@ -218,6 +218,7 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
         if self.local_rank != 0 or self.preprocessed_dataset_folder_base is None:
             return
         from nnunetv2_dsm.evaluation.evaluate import evaluate_folder, format_table
+        from nnunetv2_dsm.evaluation.nnunet_summary import write_validation_summary
         from nnunetv2_dsm.labels import ORGAN_NAMES
         validation = os.path.join(self.output_folder, "validation")
         summary = evaluate_folder(
@@ -225,8 +226,10 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
             dataset_json=os.path.join(self.preprocessed_dataset_folder_base, "dataset.json"),
             classes=ORGAN_NAMES if self.dsm_stage == 1 else None, skip_missing=True, num_processes=1,
             output_dir=os.path.join(validation, "dsm"))
-        self.print_to_log_file("Validation on each case's annotated classes (partial labels; "
-                               "validation/dsm/summary.json):\n" + format_table(summary))
+        # nnU-Net's validation/summary.json, recomputed on each case's annotated classes
+        write_validation_summary(validation, None, summary=summary)
+        self.print_to_log_file("Validation on each case's annotated classes (partial labels; validation/summary.json, "
+                               "DSM figures in validation/dsm/):\n" + format_table(summary))
 
 
 class nnUNetTrainerDSMStage1(nnUNetTrainerDSMBase):
