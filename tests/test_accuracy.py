@@ -164,6 +164,7 @@ def test_accuracy_json_structure_from_fake_predictions(tmp_path):
     assert all(v["auroc"] == 1.0 and v["fpr95"] == 0.0 and v["region"] == "host" for v in doc["anomaly"].values())
     assert doc["prompt"] == {"Pancreas Tumor": {"dsc": 1.0, "n_cases": 1}}
     assert doc["left_right_swaps"] == 0 and doc["left_right_swaps_by_model"]["dsm_stage1"] == 1
+    assert doc["swapped_cases"]["dsm_stage1"] == {"KiTS_00001": ["Right Kidney", "Left Kidney"]}
     write_json(doc, tmp_path / "accuracy.json")
     assert json.loads((tmp_path / "accuracy.json").read_text()) == doc
     md = write_markdown(doc, tmp_path / "accuracy.md").read_text()

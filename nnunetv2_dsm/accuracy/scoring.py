@@ -144,5 +144,6 @@ def score(inputs: ScoringInputs) -> dict:
     out = score_dsc(inputs, refs)
     out["anomaly"] = score_anomaly(inputs, refs)
     out["prompt"] = score_prompt(inputs, refs)
-    out["swapped_cases"] = {m: sorted(c for c, organs in s.items() if organs) for m, s in out["swaps"].items()}
+    out["swapped_cases"] = {m: {c: organs for c, organs in sorted(swaps.items()) if organs}
+                            for m, swaps in out["swaps"].items()}
     return out
