@@ -178,6 +178,32 @@ def test_scores_leave_out_models_without_predictions(tmp_path):
     assert doc["dsc"]["dsm_stage1"] == {} and doc["dsc"]["dsm_stage2"]["Liver"] == 1.0
 
 
+# ------------------------------------------------------------------------------------------------------- runner
+def test_runner_order_puts_dsm_last_and_rerun_dsm_keeps_the_baselines(tmp_path):
+    from nnunetv2_dsm.accuracy.runner import DSM_STEPS, AccuracyRun
+    run = AccuracyRun(tmp_path / "out", seed=1, echo=lambda s: None)
+    names = [s.name for s in run.steps()]
+    assert names[:5] == ["sources", "convert", "merge", "plan", "baseline_data"] and names[-1] == "report"
+    f = run._cpu_timed("probe", lambda: subprocess.run([sys.executable, "-c", "sum(range(3 * 10**6))"], check=True))
+    f()
+    assert run.state["steps"]["probe"]["cpu_seconds"] > 0
+    other = AccuracyRun(tmp_path / "out", seed=2, echo=lambda s: None)      # another seed's folder: untouched
+    assert max(names.index(n) for n in names if "nnunet" in n) < min(names.index(n) for n in DSM_STEPS)
+    state = {"preset": run.preset.name, "steps": {n: {"status": "done", "key": ""} for n in names}}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / run.state_file).write_text(json.dumps(state))
+    (run.pred / "anomaly_maps").mkdir(parents=True)
+    (run.pred_nnunet / "lits").mkdir(parents=True)
+    run.forget_dsm()
+    kept = json.loads((tmp_path / "out" / run.state_file).read_text())["steps"]
+    assert sorted(kept) == sorted(n for n in names if n not in DSM_STEPS)
+    assert not run.pred.exists() and run.pred_nnunet.exists()
+    other = AccuracyRun(tmp_path / "out", seed=2, echo=lambda s: None)          # another seed's folder: untouched
+    (tmp_path / "out" / run.state_file).write_text(json.dumps(state))
+    other.forget_dsm()
+    assert json.loads((tmp_path / "out" / run.state_file).read_text()) == state
+
+
 # ------------------------------------------------------------------------------------------------------ phantom
 def test_seed_changes_the_phantom_and_the_default_is_the_demos():
     demo_img, demo_mh = expected_multi_hot("lits", 0, SHAPE)

@@ -104,8 +104,13 @@ def write_markdown(doc: dict, path: Path, notes: Sequence[str] = ()) -> Path:
                   f"{s} {lr:g}" + ("" if doc.get("lr_chosen_by_sweep_on", {}).get(s, s) == s else
                                    f" (swept on {doc['lr_chosen_by_sweep_on'][s]})")
                   for s, lr in doc.get("chosen_lr", {}).items() if lr is not None) or "–") + ".",
-              "", *sweep_table(doc), "", "## Wall time", "", "| part | time |", "|---|---:|"]
-    lines += [f"| {k} | {v / 60:.1f} min |" for k, v in doc.get("wall_time_s", {}).items()]
+              "", *sweep_table(doc), "", "## Wall time", "",
+              "CPU time: user + system seconds of every process of the part, all cores together; on a shared "
+              "machine it depends much less on the others' load than the wall time does.", "",
+              "| part | wall time | CPU time |", "|---|---:|---:|"]
+    cpu = doc.get("cpu_time_s", {})
+    lines += [f"| {k} | {v / 60:.1f} min | " + (f"{cpu[k] / 60:.1f} min" if cpu.get(k) else "–") + " |"
+              for k, v in doc.get("wall_time_s", {}).items()]
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path

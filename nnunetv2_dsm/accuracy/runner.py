@@ -65,6 +65,21 @@ class AccuracyRun(Demo):
 
     # ---- steps ---------------------------------------------------------------------------------------------------
     def steps(self) -> List[Step]:
+        """The steps in order (:meth:`_steps`), each recording its CPU time."""
+        return [Step(s.name, s.title, self._cpu_timed(s.name, s.run), s.done, s.key) for s in self._steps()]
+
+    def _cpu_timed(self, name: str, run):
+        """``run``, recording the CPU seconds of its subprocesses (and of this process) in the step's state: on a
+        shared machine wall time depends on the others' load, CPU time much less."""
+        def timed() -> None:
+            before = _cpu_seconds()
+            try:
+                run()
+            finally:
+                self.state.setdefault("steps", {}).setdefault(name, {})["cpu_seconds"] = _cpu_seconds() - before
+        return timed
+
+    def _steps(self) -> List[Step]:
         """The demo's data steps, then the benchmark's (see the module docstring)."""
         demo = {s.name: s for s in super().steps()}
         b, p = self.plan, self.preset
@@ -249,11 +264,12 @@ class AccuracyRun(Demo):
             prompt_masks=existing({c: self.pred / "prompts" / PROMPT_SLUG / f"{c}.nii.gz" for c in inference}),
             held_out_class=HELD_OUT_CLASS)
 
-    def wall_times(self) -> Dict[str, float]:
+    def wall_times(self, key: str = "seconds") -> Dict[str, float]:
+        """Seconds per part of the run (``key``: ``seconds`` wall time, ``cpu_seconds`` CPU time of all processes)."""
         out: Dict[str, float] = {}
         for name, rec in self.state.get("steps", {}).items():
             part = next((p for prefix, p in PARTS if name.startswith(prefix)), name)
-            out[part] = out.get(part, 0.0) + float(rec.get("seconds", 0.0))
+            out[part] = out.get(part, 0.0) + float(rec.get(key, 0.0))
         out["total (steps run so far)"] = sum(out.values())
         return out
 
@@ -276,6 +292,7 @@ class AccuracyRun(Demo):
                      "cases": self.preset.n_cases, "test_cases": self.subset_cases("test"),
                      "inference_cases": self.subset_cases("inference")},
                  "clip": self.clip.describe if self.clip else None, "finished": time.strftime("%Y-%m-%d %H:%M")}
+        extra["cpu_time_s"] = self.wall_times("cpu_seconds")
         doc = build_json(self.seed, self.budget, self.plan.iterations(), scores, sweep, self.wall_times(), extra)
         write_json(doc, self.output / "accuracy.json")
         notes = [] if not self.clip or self.clip.trained else [
@@ -288,3 +305,10 @@ class AccuracyRun(Demo):
             return self.chosen_lr(source)
         except RuntimeError:
             return None
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children."""
+    import resource
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
