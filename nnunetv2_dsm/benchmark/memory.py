@@ -36,8 +36,8 @@ def memory_worker(name: str, setup_path: str) -> None:
     if setup.get("threads"):
         torch.set_num_threads(setup["threads"])
     device = setup["device"]
-    tr = make_trainer(name, setup)
-    batch = make_batch(tr, setup, setup["seed"])
+    trainer = make_trainer(name, setup)
+    batch = make_batch(trainer, setup, setup["seed"])
     gc.collect()
     result = {"baseline_rss_mb": rss_mb("VmRSS"), "hwm_before_steps_mb": rss_mb("VmHWM")}
     if device == "cuda":
@@ -45,7 +45,7 @@ def memory_worker(name: str, setup_path: str) -> None:
         torch.cuda.reset_peak_memory_stats()
         result["cuda_baseline_mb"] = torch.cuda.memory_allocated() / 2 ** 20
     for _ in range(2):
-        tr.train_step(batch)
+        trainer.train_step(batch)
     sync(device)
     result["peak_rss_mb"] = rss_mb("VmHWM")
     result["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

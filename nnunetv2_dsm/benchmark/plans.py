@@ -11,9 +11,18 @@ import os
 import platform
 import time
 from dataclasses import asdict
+from importlib.metadata import version
 from typing import Dict, Sequence
 
 import torch
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunetv2_dsm.labels import CLASS_NAMES, dataset_json_labels, regions_class_order
+from nnunetv2_dsm.manifest import make_entry, make_manifest
+from nnunetv2_dsm.network.dsm import DSMArchitecture
+from nnunetv2_dsm.training.trainers import TINY_ARCHITECTURE, nnUNetTrainerDSMBase
 
 
 SECTIONS = ("step", "memory", "predict", "ssm", "profile")
@@ -49,7 +58,6 @@ def cpu_model() -> str:
 
 
 def machine_info(device: str) -> Dict:
-    from importlib.metadata import version
     info = {
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -68,7 +76,7 @@ def machine_info(device: str) -> Dict:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
         try:
-            from nnunetv2_dsm.network.ssm import scan_backend
+            from nnunetv2_dsm.network.ssm import scan_backend  # in the try: the CUDA kernels may fail to load
             info["ssm_backend"] = scan_backend(torch.device("cuda"))
         except Exception as e:  # pragma: no cover
             info["ssm_backend"] = f"unknown ({e})"
@@ -81,8 +89,6 @@ def machine_info(device: str) -> Dict:
 def dataset_json_for_benchmark(num_training: int = SYNTH_CASES) -> Dict:
     """dataset.json of the synthetic dataset: one CT channel, DSM's 45 regions, a manifest whose benchmark case
     annotates every class. The image files are named, never read (the planner only needs the fingerprint)."""
-    from nnunetv2_dsm.labels import CLASS_NAMES, dataset_json_labels, regions_class_order
-    from nnunetv2_dsm.manifest import make_entry, make_manifest
     cases = [CASE_ID] + [f"BENCH_{i:04d}" for i in range(1, num_training)]
     return {
         "channel_names": {"0": "CT"},
@@ -129,7 +135,6 @@ def nnunet_environment(root: str):
 
 def plan_synthetic_dataset(root: str) -> Dict:
     """Run nnU-Net's ExperimentPlanner on the synthetic fingerprint (inside ``nnunet_environment(root)``)."""
-    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
     raw = os.path.join(os.environ["nnUNet_raw"], DATASET_NAME)
     pre = os.path.join(os.environ["nnUNet_preprocessed"], DATASET_NAME)
     os.makedirs(raw, exist_ok=True)
@@ -146,7 +151,6 @@ def plan_synthetic_dataset(root: str) -> Dict:
 
 def replan_topology(cfg: Dict, patch: Sequence[int]) -> None:
     """Topology for another patch size the way the ExperimentPlanner derives it (in place)."""
-    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
     spacing = cfg["spacing"]
     if len(patch) != len(spacing):
         raise SystemExit(f"--patch needs {len(spacing)} values for this configuration, got {list(patch)}")
@@ -165,8 +169,6 @@ def replan_topology(cfg: Dict, patch: Sequence[int]) -> None:
 def prepare_plans(args, root: str) -> Dict:
     """The plans every network is built from, with the one configuration resolved and the overrides applied.
     Returns a 'setup' dict (JSON-serialisable: it is also handed to the memory subprocesses)."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_dsm.training.trainers import TINY_ARCHITECTURE
     if args.plans:
         with open(args.plans) as f:
             plans = json.load(f)
@@ -197,8 +199,6 @@ def prepare_plans(args, root: str) -> Dict:
 
 
 def plans_summary(setup: Dict) -> Dict:
-    from nnunetv2_dsm.network.dsm import DSMArchitecture
-    from nnunetv2_dsm.training.trainers import nnUNetTrainerDSMBase
     cfg = setup["plans"]["configurations"][setup["configuration"]]
     kw = cfg["architecture"]["arch_kwargs"]
     return {

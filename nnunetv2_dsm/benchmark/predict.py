@@ -11,6 +11,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from .plans import LABELS, log
 from .runner import num_input_channels, release_memory, rotated, stats, text_embeddings, timed, trainer_class
@@ -30,35 +32,36 @@ def default_volume(setup: Dict) -> List[int]:
 
 def bench_predict(setup: Dict, names: Sequence[str], volume: Sequence[int], warmup: int, reps: int,
                   mirroring: bool) -> Dict:
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    """Sliding-window prediction of one random ``volume`` per network (nnU-Net's predictor, Gaussian weighting,
+    step 0.5): median seconds and seconds per tile."""
     device = setup["device"]
-    pm = PlansManager(copy.deepcopy(setup["plans"]))
-    cm = pm.get_configuration(setup["configuration"])
+    plans_manager = PlansManager(copy.deepcopy(setup["plans"]))
+    configuration_manager = plans_manager.get_configuration(setup["configuration"])
     n_in = num_input_channels(setup)
-    heads = pm.get_label_manager(setup["dataset_json"]).num_segmentation_heads
-    mirror_axes = tuple(range(len(cm.patch_size))) if mirroring else None
+    heads = plans_manager.get_label_manager(setup["dataset_json"]).num_segmentation_heads
+    mirror_axes = tuple(range(len(configuration_manager.patch_size))) if mirroring else None
     predictors = {}
     for n in names:
         log(f"predict: building {LABELS[n]} for inference")
         cls = trainer_class(n)
         torch.manual_seed(setup["seed"])
-        net = cls.build_network_architecture(pm, cm, n_in, heads, False).to(torch.device(device))
+        net = cls.build_network_architecture(plans_manager, configuration_manager, n_in, heads, False)
+        net = net.to(torch.device(device))
         if n == "dsm_stage2":
             net.alignment.set_text_embeddings(text_embeddings(setup["seed"]).to(device))
         net.eval()
         with contextlib.redirect_stdout(io.StringIO()):
-            p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
-                                perform_everything_on_device=device == "cuda", device=torch.device(device),
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-            p.manual_initialization(net, pm, cm, [net.state_dict()], setup["dataset_json"], cls.__name__,
-                                    mirror_axes)
-        predictors[n] = p
+            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+                                        perform_everything_on_device=device == "cuda", device=torch.device(device),
+                                        verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+            predictor.manual_initialization(net, plans_manager, configuration_manager, [net.state_dict()],
+                                            setup["dataset_json"], cls.__name__, mirror_axes)
+        predictors[n] = predictor
     g = torch.Generator().manual_seed(setup["seed"])
     image = torch.randn((n_in, *volume), generator=g)
-    padded = [max(v, p) for v, p in zip(volume, cm.patch_size)]
+    padded = [max(size, tile) for size, tile in zip(volume, configuration_manager.patch_size)]
     tiles = len(next(iter(predictors.values()))._internal_get_sliding_window_slicers(padded))
-    patch = torch.randn((1, n_in, *cm.patch_size), generator=g).to(device)
+    patch = torch.randn((1, n_in, *configuration_manager.patch_size), generator=g).to(device)
     for n in names:  # warm-up: one patch forward each (and, with warmup > 1, whole volumes)
         with torch.inference_mode():
             timed(lambda: predictors[n].network(patch), device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import gc
 import io
 import statistics
@@ -13,19 +14,22 @@ from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunetv2_dsm.training.stage2 import nnUNetTrainerDSMStage2
+from nnunetv2_dsm.training.trainers import nnUNetTrainerDSMStage1
 
 from .plans import CASE_ID
 
 
 # ------------------------------------------------------------------------------------------ trainers and batches
 def trainer_class(name: str):
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2_dsm.training.stage2 import nnUNetTrainerDSMStage2
-    from nnunetv2_dsm.training.trainers import nnUNetTrainerDSMStage1
+    """The trainer class of a benchmarked network name (nnunet, dsm_stage1, dsm_stage2)."""
     return {"nnunet": nnUNetTrainer, "dsm_stage1": nnUNetTrainerDSMStage1, "dsm_stage2": nnUNetTrainerDSMStage2}[name]
 
 
 def text_embeddings(seed: int = 0) -> torch.Tensor:
+    """Seeded random unit vectors in place of the 45 CLIP class embeddings (timing does not need real ones)."""
     g = torch.Generator().manual_seed(seed)
     return torch.nn.functional.normalize(torch.randn(45, 512, generator=g), dim=-1)
 
@@ -42,32 +46,32 @@ def make_trainer(name: str, setup: Dict):
     device = torch.device(setup["device"])
     torch.manual_seed(setup["seed"])
     with contextlib.redirect_stdout(io.StringIO()):
-        tr = cls(plans, setup["configuration"], 0, copy.deepcopy(setup["dataset_json"]), device=device)
+        trainer = cls(plans, setup["configuration"], 0, copy.deepcopy(setup["dataset_json"]), device=device)
     n_in = num_input_channels(setup)
-    tr.num_input_channels = n_in
-    tr.network = tr.build_network_architecture(tr.plans_manager, tr.configuration_manager, n_in,
-                                               tr.label_manager.num_segmentation_heads,
-                                               tr.enable_deep_supervision).to(device)
+    trainer.num_input_channels = n_in
+    trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, n_in,
+                                                         trainer.label_manager.num_segmentation_heads,
+                                                         trainer.enable_deep_supervision).to(device)
     if name == "dsm_stage2":
-        tr.network.alignment.set_text_embeddings(text_embeddings(setup["seed"]))
-    tr.optimizer, tr.lr_scheduler = tr.configure_optimizers()
-    tr.loss = tr._build_loss()
-    tr.network.train()
-    return tr
+        trainer.network.alignment.set_text_embeddings(text_embeddings(setup["seed"]))
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    trainer.loss = trainer._build_loss()
+    trainer.network.train()
+    return trainer
 
 
-def make_batch(tr, setup: Dict, seed: int) -> Dict:
+def make_batch(trainer, setup: Dict, seed: int) -> Dict:
     """A training batch like nnU-Net's data loader gives it: data (B, C, *patch), one bool region target per deep
     supervision scale (rounded as DownsampleSegForDSTransform does), the case keys."""
-    cm = tr.configuration_manager
-    bs, patch = cm.batch_size, list(cm.patch_size)
+    configuration_manager = trainer.configuration_manager
+    bs, patch = configuration_manager.batch_size, list(configuration_manager.patch_size)
     g = torch.Generator().manual_seed(seed)
     data = torch.randn((bs, num_input_channels(setup), *patch), generator=g)
-    heads = tr.label_manager.num_segmentation_heads
-    scales = tr._get_deep_supervision_scales() or [[1.0] * len(patch)]
+    heads = trainer.label_manager.num_segmentation_heads
+    scales = trainer._get_deep_supervision_scales() or [[1.0] * len(patch)]
     target = [torch.rand((bs, heads, *[round(p * s) for p, s in zip(patch, sc)]), generator=g) > 0.9
               for sc in scales]
-    if len(target) == 1 and not tr.enable_deep_supervision:
+    if len(target) == 1 and not trainer.enable_deep_supervision:
         target = target[0]
     return {"data": data, "target": target, "keys": np.array([CASE_ID] * bs)}
 
@@ -77,7 +81,6 @@ def release_memory(device: str = "cpu") -> None:
     network's freed activations do not stay resident, fragmented, under the next one (outside the timings)."""
     gc.collect()
     try:
-        import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass

@@ -10,6 +10,9 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from nnunetv2_dsm.network.backbone import kmmm_stage_indices, stage_scales
+from nnunetv2_dsm.network.kmeans_layer import VoxelSequenceSSM
+
 from .memory import rss_mb
 from .plans import LABELS, SSM_BATCH, SSM_QUERIES, log
 from .runner import make_batch, make_trainer, release_memory, rotated, stats, sync, timed
@@ -25,9 +28,9 @@ class SSMTimer:
         self.device = device
         self.handles = []
         self.reset()
-        for m in modules:
-            self.handles.append(m.register_forward_pre_hook(self._pre))
-            self.handles.append(m.register_forward_hook(self._post))
+        for module in modules:
+            self.handles.append(module.register_forward_pre_hook(self._pre))
+            self.handles.append(module.register_forward_hook(self._post))
 
     def reset(self) -> None:
         self.forward = self.backward = 0.0
@@ -98,12 +101,13 @@ def bench_step(setup: Dict, names: Sequence[str], warmup: int, reps: int) -> Dic
                                         "calls": timer.calls, "shapes": timer.shapes})
     out = {"networks": {}}
     for n in names:
-        tr = trainers[n]
+        trainer = trainers[n]
         out["networks"][n] = {
             "seconds": stats(times[n]),
-            "parameters": sum(p.numel() for p in tr.network.parameters()),
-            "optimizer": type(tr.optimizer).__name__,
-            "loss": type(tr.loss).__name__ + (f"({type(tr.loss.loss).__name__})" if hasattr(tr.loss, "loss") else ""),
+            "parameters": sum(p.numel() for p in trainer.network.parameters()),
+            "optimizer": type(trainer.optimizer).__name__,
+            "loss": type(trainer.loss).__name__
+            + (f"({type(trainer.loss.loss).__name__})" if hasattr(trainer.loss, "loss") else ""),
             "deep_supervision_outputs": len(batches[n]["target"]) if isinstance(batches[n]["target"], list) else 1,
         }
     if ssm_in_step:
@@ -124,19 +128,19 @@ def bench_step(setup: Dict, names: Sequence[str], warmup: int, reps: int) -> Dic
 
 # ---------------------------------------------------------------------------------------------------------- SSM
 def _ssm_times(shape: Sequence[int], device: str, warmup: int, reps: int, seed: int) -> Dict:
-    from nnunetv2_dsm.network.kmeans_layer import VoxelSequenceSSM
+    """Median seconds of VoxelSequenceSSM on one input ``shape``: forward without gradient, forward + backward."""
     torch.manual_seed(seed)
-    m = VoxelSequenceSSM(shape[1]).to(device)
+    module = VoxelSequenceSSM(shape[1]).to(device)
     x = torch.randn(*shape, device=device)
     w = torch.randn(*shape, device=device)
 
     def fwd():
         with torch.no_grad():
-            m(x)
+            module(x)
 
     def fwd_bwd():
         xi = x.detach().requires_grad_()
-        (m(xi) * w).sum().backward()
+        (module(xi) * w).sum().backward()
 
     f = [timed(fwd, device) for _ in range(warmup + reps)][warmup:]
     fb = [timed(fwd_bwd, device) for _ in range(warmup + reps)][warmup:]
@@ -164,7 +168,6 @@ def bench_ssm(setup: Dict, sizes: Sequence[int], warmup: int, reps: int, in_step
 
 def stage2_ssm_shapes(setup: Dict) -> List[List[int]]:
     """The four (B, 25, *S) SSM inputs of a Stage 2 training step: one per kMMM scale, coarse → fine."""
-    from nnunetv2_dsm.network.backbone import kmmm_stage_indices, stage_scales
     cfg = setup["plans"]["configurations"][setup["configuration"]]
     strides = cfg["architecture"]["arch_kwargs"]["strides"]
     scales = stage_scales(strides)
