@@ -50,9 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     writable_dir(args.output, "--output")
     device = args.device
     if device == "auto":
-        import torch
+        import torch  # lazy: --help and argument errors answer without loading torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    from nnunetv2_dsm.demo.pipeline import Demo
+    from nnunetv2_dsm.demo.pipeline import Demo  # lazy: pulls nnU-Net and torch in
     try:
         demo = Demo(args.output, clip_weights=args.clip_weights, quick=args.quick, keep_going=args.keep_going,
                     device=device)

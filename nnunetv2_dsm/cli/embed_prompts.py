@@ -9,12 +9,14 @@ import argparse
 import sys
 
 from nnunetv2_dsm.cli.errors import cli_entry
+from nnunetv2_dsm.text import (DEFAULT_MODEL, DEFAULT_SEED, PROMPT_TEMPLATE, WEIGHTS_ENV, TextEmbeddingError,
+                               build_dataset_cache, dataset_folder)
 
 PROG = "nnUNetv2_dsm_embed_prompts"
 
 
 def _input_errors() -> tuple:
-    from nnunetv2_dsm.text import TextEmbeddingError
+    """The exceptions that are bad input: one line and exit status 2."""
     return TextEmbeddingError, ValueError
 
 
@@ -22,7 +24,6 @@ def _input_errors() -> tuple:
 def main(argv=None) -> int:
     """Parse the arguments, write the caches and print a short summary; bad input returns 2 with one line naming the
     file and the fix (:mod:`nnunetv2_dsm.cli.errors`)."""
-    from nnunetv2_dsm.text import DEFAULT_MODEL, DEFAULT_SEED, PROMPT_TEMPLATE, WEIGHTS_ENV
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=f"Embed the 45 DSM class prompts ('{PROMPT_TEMPLATE.format('<class>')}') with the CLIP text "
@@ -45,7 +46,6 @@ def main(argv=None) -> int:
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     args = parser.parse_args(argv)
 
-    from nnunetv2_dsm.text import TextEmbeddingError, build_dataset_cache, dataset_folder
     try:
         folder = dataset_folder(args.dataset)
         emb, info = build_dataset_cache(folder, model_name=args.model, clip_weights=args.clip_weights,

@@ -9,10 +9,11 @@ import os
 import sys
 
 from nnunetv2_dsm.cli.errors import cli_entry
+from nnunetv2_dsm.nnunet_ext import EXT_TRAINER_DIR
 
 
 def ensure_ext_trainer_env() -> None:
-    from nnunetv2_dsm.nnunet_ext import EXT_TRAINER_DIR
+    """Append the DSM trainer folder to ``nnUNet_extTrainer`` (a folder the user exported is kept)."""
     current = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
     if EXT_TRAINER_DIR not in current:
         os.environ["nnUNet_extTrainer"] = os.pathsep.join(current + [EXT_TRAINER_DIR])
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
     @cli_entry("nnUNetv2_dsm_train", user_errors=_dsm_errors)
     def run(_argv=None) -> int:
         ensure_ext_trainer_env()
-        from nnunetv2.run.run_training import run_training_entry
+        from nnunetv2.run.run_training import run_training_entry  # lazy: torch and nnU-Net, only when training
         run_training_entry()
         return 0
     return run(["--debug"] if debug else [])

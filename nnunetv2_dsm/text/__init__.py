@@ -149,7 +149,8 @@ def prompt_cache_path(folder: PathLike) -> Path:
 def dataset_folder(dataset: Union[int, str]) -> Path:
     """``$nnUNet_preprocessed/DatasetXXX_Name`` of a dataset id or name, resolved by nnU-Net; raises
     :class:`TextEmbeddingError` for an unknown dataset or a missing preprocessed folder."""
-    from nnunetv2.paths import nnUNet_preprocessed
+    # lazy: only naming a dataset needs nnU-Net; reading and writing the caches does not
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     if not nnUNet_preprocessed.is_set():
         raise TextEmbeddingError("nnUNet_preprocessed is not set; export it (see nnU-Net's setting_up_paths.md)")
@@ -158,7 +159,6 @@ def dataset_folder(dataset: Union[int, str]) -> Path:
     except (RuntimeError, ValueError) as e:
         raise TextEmbeddingError(f"unknown dataset {dataset!r}: {e}") from e
     folder = Path(os.fspath(nnUNet_preprocessed)) / name
-    from nnunetv2.paths import nnUNet_raw
     if not folder.is_dir() and not (nnUNet_raw.is_set() and (Path(os.fspath(nnUNet_raw)) / name).is_dir()):
         raise TextEmbeddingError(f"unknown dataset {dataset!r}: neither {folder} nor $nnUNet_raw/{name} exists")
     if not folder.is_dir():

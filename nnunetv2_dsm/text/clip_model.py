@@ -130,7 +130,7 @@ def _hub_checkpoint(open_clip, model_name: str, tag: str) -> Tuple[str, bool]:
                                  f"{open_clip.list_pretrained_tags_by_model(model_name)}")
     repo = cfg.get("hf_hub", "").strip("/")
     if repo:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # lazy: installed with open_clip, needed for hub tags
         for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
             cached = try_to_load_from_cache(repo, filename)
             if isinstance(cached, str) and os.path.isfile(cached):
@@ -162,7 +162,7 @@ def load_text_encoder(model_name: str = DEFAULT_MODEL, weights: Optional[Weights
     if weights.kind == "file" and weights.size is None:
         raise TextEmbeddingError(no_weights_message(model_name, weights, f"no such file: {weights.path}"))
     try:
-        import open_clip
+        import open_clip  # lazy: optional and slow to import; cached embeddings never need it
     except ImportError as e:
         raise TextEmbeddingError(f"open_clip is not installed ({e}); pip install open-clip-torch") from e
     checkpoint, quick_gelu = (weights.path if weights.kind == "file" else None), False
