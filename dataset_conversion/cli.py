@@ -12,6 +12,10 @@ from typing import List, Optional
 
 from nnunetv2_dsm.cli.errors import cli_entry
 
+from .merge import LINK_MODES, merge
+from .sources import SOURCES, get_source
+from .writer import convert
+
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (``-np 0`` or ``-np -3`` is an error, not silently 1)."""
@@ -31,7 +35,6 @@ def add_debug(p: argparse.ArgumentParser) -> None:
 @cli_entry("nnUNetv2_dsm_convert")
 def convert_main(argv: Optional[List[str]] = None) -> int:
     """``nnUNetv2_dsm_convert SOURCE INPUT_DIR -d ID``: one source dataset -> ``$nnUNet_raw/DatasetID_Name``."""
-    from .sources import SOURCES
     p = argparse.ArgumentParser(
         prog="nnUNetv2_dsm_convert",
         description="Convert a public CT dataset, as unpacked from its official distribution, into an nnU-Net raw "
@@ -57,8 +60,6 @@ def convert_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_debug(p)
     a = p.parse_args(argv)
-    from .sources import get_source
-    from .writer import convert
     summary = convert(get_source(a.source), a.input_dir, a.dataset_id, name=a.name, raw_dir=a.output,
                       num_processes=a.num_processes, unknown_labels=a.unknown_labels, skip_failed=a.skip_failed,
                       keep_orientation=a.keep_orientation, progress=not a.no_progress,
@@ -70,7 +71,6 @@ def convert_main(argv: Optional[List[str]] = None) -> int:
 @cli_entry("nnUNetv2_dsm_merge")
 def merge_main(argv: Optional[List[str]] = None) -> int:
     """``nnUNetv2_dsm_merge -d ID -i DATASET ...``: converted datasets -> one dataset with the paper's split."""
-    from .merge import LINK_MODES, merge
     p = argparse.ArgumentParser(
         prog="nnUNetv2_dsm_merge",
         description="Merge datasets written by nnUNetv2_dsm_convert into one nnU-Net raw dataset whose dataset.json "

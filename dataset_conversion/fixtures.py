@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -178,7 +179,6 @@ def raw_label(boxes: Sequence[Box], pts: np.ndarray, ids: Optional[Dict] = None)
 
 def write_nifti(path: Path, arr_zyx: np.ndarray, grid: Grid, dtype) -> None:
     """Write with nibabel (as the datasets were made), array in the grid's index order."""
-    import nibabel as nib
     path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.asarray(arr_zyx).transpose(2, 1, 0).astype(dtype), grid.nifti_affine())
     img.set_qform(grid.nifti_affine(), code=1)
@@ -200,7 +200,7 @@ def write_dicom_series(folder: Path, names: Sequence[str], boxes: Sequence[Box],
                        instance_numbers: Optional[Sequence[int]] = None) -> None:
     """One uncompressed DICOM file per slice (index axis 2 of an axial ``grid``), stored uint16 with
     RescaleIntercept ``intercept``. ``names[k]`` is the file name of slice k."""
-    import pydicom
+    import pydicom  # lazy: optional, only the DICOM fixtures (CHAOS, Pancreas-CT) need it
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian, generate_uid
     folder.mkdir(parents=True, exist_ok=True)
@@ -233,7 +233,7 @@ def write_dicom_series(folder: Path, names: Sequence[str], boxes: Sequence[Box],
 
 def write_png(path: Path, mask: np.ndarray, one_bit: bool) -> None:
     """A per-slice mask PNG: 1-bit (mode "1") or 8-bit 0/255."""
-    from PIL import Image
+    from PIL import Image  # lazy: only the CHAOS fixture's PNG masks need Pillow
     path.parent.mkdir(parents=True, exist_ok=True)
     binary = np.asarray(mask, bool)
     (Image.fromarray(binary) if one_bit else Image.fromarray(binary.astype(np.uint8) * 255)).save(path)
@@ -250,7 +250,7 @@ def write_fixture(source: str, root: Union[str, Path], **options) -> Fixture:
 
     ``options`` are source-specific (e.g. ``n_cases`` for btcv/lits/kits, ``version`` for kits).
     """
-    from .fixtures_more import WRITERS
+    from .fixtures_more import WRITERS  # lazy: fixtures_more imports this module
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     return WRITERS[source](root, **options)

@@ -12,6 +12,7 @@ from . import fixtures_organs as organs
 from .fixtures import IPL, LAS, LPS, RAS, RPS, Fixture, FixtureCase, inside, voxel_centres, write_junk, write_nifti, \
     write_scene
 from .fixtures_organs import Scene
+from .sources.totalsegmentator import V1_NAMES, V2_NAMES     # the releases' file name lists
 
 # ------------------------------------------------------------------------------------------------- TotalSegmentator
 TS_EXPECT = {"spleen": ("Spleen",), "kidney_right": ("Right Kidney",), "kidney_left": ("Left Kidney",),
@@ -59,7 +60,6 @@ def _ts_case(folder: Path, names, version: str, shift: int) -> FixtureCase:
 
 def totalsegmentator(root: Path) -> Fixture:
     """A v2 (117 masks) and a v1 (104 masks) case, RAS, overlapping masks, lobes, kidney cysts, meta.csv."""
-    from .sources.totalsegmentator import V1_NAMES, V2_NAMES     # the releases' file name lists
     base = root / "Totalsegmentator_dataset_v201"
     cases = {"TS_s0000": _ts_case(base / "s0000", V2_NAMES, "v2", 0),
              "TS_s0011": _ts_case(base / "s0011", V1_NAMES, "v1", 4)}

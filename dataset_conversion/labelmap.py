@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from nnunetv2_dsm.labels import LATERAL_PAIRS, NUM_CLASSES, class_index, encode, label_meaning
 
-from .spec import CaseError, Target
+from .spec import CaseError, Target, parse_label_map
 
 STRADDLE_FRACTION = 0.2   # a component with more than this share of voxels on each side is cut at the midline
 
@@ -152,7 +152,6 @@ def classes_present(label_map: np.ndarray) -> List[str]:
 
 def targets_by_id(label_map, where: str) -> Dict[int, Optional[Target]]:
     """A parsed label map whose keys must be integers (source label ids)."""
-    from .spec import parse_label_map
     parsed = parse_label_map(label_map, where)
     if not all(isinstance(k, (int, np.integer)) for k in parsed):
         raise ValueError(f"{where}: integer keys expected")

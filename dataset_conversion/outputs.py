@@ -19,6 +19,8 @@ from typing import Iterable, Iterator, Set
 from nnunetv2_dsm.cli.errors import OutputLockedError
 from nnunetv2_dsm.io_utils import atomic_save_json
 
+from .spec import InputError
+
 try:  # POSIX; on other systems runs are not locked
     import fcntl
 except ImportError:  # pragma: no cover
@@ -90,7 +92,6 @@ def foreign_entries(folders: Iterable[Path], is_ours) -> list:
 
 def refuse_foreign(foreign: list, out: Path, prog: str) -> None:
     """Raise an InputError naming the first foreign entry (see :func:`foreign_entries`), if any."""
-    from .spec import InputError
     if not foreign:
         return
     first = foreign[0]

@@ -5,9 +5,12 @@ image grid. Read failures become :class:`~.spec.CaseError` naming the file and t
 """
 from __future__ import annotations
 
+import gzip
+import zlib
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -24,10 +27,6 @@ def check_nifti_complete(path: Path, fix: str = READ_FIX) -> None:
     size the header promises is checked: against the file size for ``.nii``; for ``.nii.gz`` against the gzip
     trailer (ISIZE, no decompression), and only if that disagrees (e.g. a multi-member gzip) by decompressing.
     """
-    import gzip
-    import zlib
-
-    import nibabel as nib
     name = str(path).lower()
     if not name.endswith((".nii", ".nii.gz")):
         return
@@ -74,9 +73,6 @@ def read_file(path: Path) -> sitk.Image:
 def count_nonfinite(path: Path) -> int:
     """Number of NaN/Inf values *stored* in a float NIfTI file (0 for integer files and other formats), counted
     while streaming the data, so memory stays small. Needed because SimpleITK's NIfTI reader returns 0 for them."""
-    import gzip
-
-    import nibabel as nib
     name = str(path).lower()
     if not name.endswith((".nii", ".nii.gz")):
         return 0
@@ -102,7 +98,6 @@ def count_nonfinite(path: Path) -> int:
 def nonfinite_mask(path: Path):
     """(z, y, x) bool mask of the NaN/Inf voxels stored in a float NIfTI file, or None when it has none; the whole
     array is loaded only when :func:`count_nonfinite` found some."""
-    import nibabel as nib
     if not count_nonfinite(path):
         return None
     bad = ~np.isfinite(np.asanyarray(nib.load(str(path)).dataobj))
@@ -167,7 +162,7 @@ def read_nifti_label(case: CaseFiles, image: sitk.Image, ctx) -> np.ndarray:
 
 def dicom_positions(files: Sequence[Path]) -> Tuple[np.ndarray, List[str], Tuple[int, int]]:
     """Slice positions along the slice normal, SeriesInstanceUIDs and (rows, columns) from the headers."""
-    import pydicom
+    import pydicom  # lazy: only the DICOM sources (CHAOS, Pancreas-CT) need it
     pos, series, shapes = [], [], set()
     for f in files:
         try:
@@ -229,7 +224,7 @@ def compact_integer_image(img: sitk.Image) -> sitk.Image:
 
 def read_png_mask(path: Path) -> np.ndarray:
     """A per-slice PNG mask as bool (nonzero = foreground; 1-bit, 8-bit and 16-bit PNGs alike)."""
-    from PIL import Image
+    from PIL import Image  # lazy: only CHAOS's PNG masks need Pillow
     try:
         with Image.open(path) as im:
             if im.mode not in ("1", "L", "I", "I;16", "I;16B", "I;16L"):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from nnunetv2_dsm.cli.errors import UserError
-from nnunetv2_dsm.labels import LATERAL_PAIRS, NUM_ORGANS, TUMOUR_HOSTS, class_index
+from nnunetv2_dsm.labels import LATERAL_PAIRS, NUM_ORGANS, TUMOUR_HOSTS, class_index, class_name
 
 ClassSpec = Union[None, str, Tuple[str, ...]]
 LabelMap = Mapping[Union[int, str], ClassSpec]
@@ -83,7 +83,6 @@ def parse_target(spec: ClassSpec, where: str = "label map") -> Optional[Target]:
 
 
 def _canonical(name: str) -> str:
-    from nnunetv2_dsm.labels import class_name
     return class_name(class_index(name))
 
 

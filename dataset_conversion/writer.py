@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import SimpleITK as sitk
+from tqdm import tqdm
 
 from nnunetv2_dsm.cli.errors import writable_dir
 from nnunetv2_dsm.io_utils import atomic_save_json, atomic_target
@@ -52,6 +53,7 @@ from .case_records import (CONVERTER_VERSION, FILE_ENDING, STATE_DIR, case_outpu
                            load_done, options_key, record_path)
 from .labelmap import apply_label_map, classes_present, targets_by_id
 from .outputs import foreign_entries, output_lock, refuse_foreign
+from .sources import get_source, guess_sources
 from .summary import CaseResult, Summary
 from .spec import CaseError, CaseFiles, ConversionError, InputError, Notes, Source, annotated_classes, walk_files
 
@@ -103,7 +105,6 @@ def _write_image(img: sitk.Image, dst: Path, tmp_dir: Path, level: int) -> None:
 
 def convert_case(source_name: str, case: CaseFiles, out: Path, input_dir: Path, opts: dict) -> CaseResult:
     """Convert one case (in a worker process or inline). Never raises for bad input: returns a failed result."""
-    from .sources import get_source
     source = get_source(source_name)
     try:
         return _convert_case(source, case, out, input_dir, opts)
@@ -180,7 +181,6 @@ def _finite_image(image: sitk.Image, case: CaseFiles, opts: dict):
 
 def find_source_cases(source: Source, input_dir: Path, notes: Notes) -> List[CaseFiles]:
     """The source's cases under ``input_dir``, with the folder-level checks (empty, wrong source, duplicates)."""
-    from .sources import guess_sources
     if not input_dir.is_dir():
         raise InputError(f"INPUT_DIR {input_dir} does not exist or is not a folder.")
     if next(iter(walk_files(input_dir)), None) is None:
@@ -268,7 +268,6 @@ def _run_cases(source: Source, cases: List[CaseFiles], out: Path, input_dir: Pat
                progress: bool) -> Dict[str, CaseResult]:
     """Every case's result: resumed from its record, or converted (in ``num_processes`` worker processes). A
     worker that dies (OOM killer) fails the cases not finished, with advice, instead of a traceback."""
-    from tqdm import tqdm
     results: Dict[str, CaseResult] = {}
     todo = []
     for c in cases:
@@ -322,7 +321,6 @@ def _write_dataset_json(source: Source, out: Path, summary: Summary, input_dir: 
 
 def convert_by_name(source_name: str, *args, **kwargs) -> Summary:
     """:func:`convert` with the source given by its SOURCE name (``btcv``, ``kits``, ...)."""
-    from .sources import get_source
     return convert(get_source(source_name), *args, **kwargs)
 
 

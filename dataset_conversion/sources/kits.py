@@ -16,7 +16,8 @@ documented skip, a case without a label goes to imagesTs. Case ids ``KiTS_00000`
 from pathlib import Path
 from typing import List
 
-from ..spec import CaseFiles, Notes, Source, any_file, natural_key, walk_files
+from .. import readers
+from ..spec import CaseError, CaseFiles, Notes, Source, any_file, natural_key, walk_files
 
 LABELS_19 = {1: "Kidney", 2: ("Kidney", "Kidney Tumor")}
 LABELS = {1: "Kidney", 2: ("Kidney", "Kidney Tumor"), 3: ("Kidney", "Kidney Cyst")}
@@ -37,8 +38,6 @@ def detect_version(root: Path, folders: List[Path]) -> str:
 
 def read_label(case: CaseFiles, image, ctx):
     """The default label reader; a cyst (3) in a case taken for KiTS19 names the detection and its fix."""
-    from .. import readers
-    from ..spec import CaseError
     arr = readers.read_nifti_label(case, image, ctx)
     if case.info.get("kits_version") == "19" and arr.size and arr.max() == 3:
         raise CaseError(f"{case.label} holds label 3, a kidney cyst in KiTS21/23, but its folder was taken for "
