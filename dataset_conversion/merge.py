@@ -58,6 +58,7 @@ class MergeSummary:
     links: Counter = field(default_factory=Counter)
 
     def counts(self) -> Dict[str, Counter]:
+        """Cases per source and subset."""
         out: Dict[str, Counter] = defaultdict(Counter)
         for cid, subset in self.subsets.items():
             out[self.sources[cid]][subset] += 1
@@ -110,6 +111,7 @@ def read_json_object(path: Path) -> dict:
 
 
 def _load_dsm_dataset(folder: Path) -> dict:
+    """An input's dataset.json, checked: present, in the DSM label space, with a valid manifest."""
     js = folder / "dataset.json"
     if not js.is_file():
         raise InputError(f"{folder} has no dataset.json: finish its conversion first (nnUNetv2_dsm_convert prints "
@@ -161,6 +163,7 @@ def resolve_inputs(inputs: Sequence[str], sources: Sequence[str], root: Path) ->
 
 
 def _find(folder: Path, case_id: str, kind: str) -> Path:
+    """A case's image or label file (``kind`` "images" or "labels") in the Tr or Ts folder of an input."""
     name = f"{case_id}_0000{FILE_ENDING}" if kind == "images" else f"{case_id}{FILE_ENDING}"
     for sub in (f"{kind}Tr", f"{kind}Ts"):
         if (folder / sub / name).is_file():

@@ -101,6 +101,7 @@ def class_name(index: int) -> str:
 
 
 def _build_composites() -> Dict[Tuple[int, Optional[int]], int]:
+    """(tumour index, host index or None) -> the integer label that encodes it, counted up after the organs."""
     table, value = {}, NUM_ORGANS + 1
     for tumour in TUMOUR_NAMES:
         for host in TUMOUR_HOSTS[tumour] + (None,):
@@ -146,6 +147,7 @@ def region_values(index: int) -> Tuple[int, ...]:
 
 
 def _decode_lut() -> np.ndarray:
+    """(MAX_LABEL + 1, 45) bool table: row v is the multi-hot of integer label v."""
     lut = np.zeros((MAX_LABEL + 1, NUM_CLASSES), dtype=bool)
     for value, (organ, tumour) in _VALUE_MEANING.items():
         for idx in (organ, tumour):

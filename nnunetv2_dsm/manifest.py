@@ -128,6 +128,7 @@ class Manifest:
                       if c.subset == "train" and c.stage is not None and c.stage <= stage)
 
     def sources(self) -> Dict[str, int]:
+        """Number of cases per source."""
         out: Dict[str, int] = {}
         for c in self.cases.values():
             out[c.source] = out.get(c.source, 0) + 1

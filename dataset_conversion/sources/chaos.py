@@ -21,6 +21,8 @@ MASK = r"liver_GT_(\d+)\.png"
 
 
 def _indexed(files: List[Path], patterns) -> Dict[int, Path]:
+    """``{slice index: file}`` for files whose name matches one of ``patterns`` (first group = index); a
+    duplicate index is an :class:`InputError`."""
     out: Dict[int, Path] = {}
     for f in files:
         for p in patterns:

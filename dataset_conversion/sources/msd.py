@@ -38,6 +38,8 @@ def task_folders(root: Path) -> List[Path]:
 
 
 def _check_json(folder: Path, task: str) -> None:
+    """Refuse a task folder whose own dataset.json lists the labels of another MSD task (a missing or
+    unreadable one is not checked)."""
     js = folder / "dataset.json"
     if not js.is_file():
         return

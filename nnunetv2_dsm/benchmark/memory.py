@@ -19,6 +19,8 @@ from .runner import make_batch, make_trainer, sync
 
 # ------------------------------------------------------------------------------------------------------- memory
 def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory in MB from /proc/self/status (``VmRSS`` now, ``VmHWM`` its peak); the
+    getrusage peak where /proc is missing."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -57,6 +59,8 @@ def memory_worker(name: str, setup_path: str) -> None:
 
 
 def bench_memory(setup: Dict, names: Sequence[str], workdir: str) -> Dict:
+    """Peak memory of two training steps per network, each measured in a subprocess of its own (a fresh
+    high-water mark; an out-of-memory kill takes only that process)."""
     path = os.path.join(workdir, "setup.json")
     with open(path, "w") as f:
         json.dump(setup, f)

@@ -74,6 +74,8 @@ class SSMTimer:
 
 # --------------------------------------------------------------------------------------------------------- step
 def bench_step(setup: Dict, names: Sequence[str], warmup: int, reps: int) -> Dict:
+    """Median seconds of a full training step per network (rounds in rotating order), and the SSM's share of
+    the Stage 2 step measured with hooks inside the timed steps."""
     device = setup["device"]
     trainers, batches = {}, {}
     for n in names:
@@ -148,6 +150,7 @@ def _ssm_times(shape: Sequence[int], device: str, warmup: int, reps: int, seed: 
 
 
 def bench_ssm(setup: Dict, sizes: Sequence[int], warmup: int, reps: int, in_step_shapes=None) -> Dict:
+    """The SSM alone on (2, 25, s, s, s) inputs for each size, and at the Stage 2 step's own input shapes."""
     device = setup["device"]
     out = {"module": f"VoxelSequenceSSM({SSM_QUERIES}) = LayerNorm + Mamba(d_model={SSM_QUERIES}, d_state=16, "
                      f"d_conv=4, expand=2) + residual", "sizes": []}

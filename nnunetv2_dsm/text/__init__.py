@@ -88,6 +88,7 @@ def _prompt_key(prompt: str) -> str:
 
 
 def _lookup(paths: Sequence[Path], model_name: str, weights: WeightsSource, prompts: Sequence[str]):
+    """``{prompt: embedding}`` for the prompts found in the per-prompt caches ``paths`` (first file wins)."""
     found: Dict[str, torch.Tensor] = {}
     for path in paths:
         store = _load(path, strict=False) or {}
@@ -100,6 +101,7 @@ def _lookup(paths: Sequence[Path], model_name: str, weights: WeightsSource, prom
 
 
 def _store(path: Path, model_name: str, weights: WeightsSource, embeddings: Dict[str, torch.Tensor]) -> None:
+    """Add ``embeddings`` to the per-prompt cache ``path`` (rewritten only when something changed)."""
     store = _load(path, strict=False) or {}
     if store.get("format") != PROMPT_CACHE_FORMAT:
         store = {"format": PROMPT_CACHE_FORMAT, "entries": {}}

@@ -60,6 +60,7 @@ class WeightsSource:
         return weights_id == self.id and (self.size is None or size is None or size == self.size)
 
     def describe(self) -> str:
+        """The source in words, for messages."""
         if self.kind == "hub":
             return f"hub tag '{self.tag}'"
         if self.kind == "file":
