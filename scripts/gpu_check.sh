@@ -80,8 +80,8 @@ if ! $PY -c "import SimpleITK" 2> /dev/null; then
   export PYTHONPATH=$PYTHONPATH:$STUBS
   echo "SimpleITK missing: import-only stand-in in $STUBS"
 fi
-$PY -c "import torch, nnunetv2, nnunetv2_dsm.training.stage2; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
-  || { echo "the project does not import: see above"; exit 2; }
+$PY -c "import torch, nnunetv2, nnunetv2_dsm.nnunet_ext.nnunetv2_dsm_trainers; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
+  || echo "WARNING: nnU-Net or the DSM trainers do not import (see above): (b)-(e) will fail; the build and (a) go on"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 # 2. the kernels, for this GPU only

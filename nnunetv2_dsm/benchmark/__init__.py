@@ -41,6 +41,13 @@ Modules: ``plans`` (constants, machine, plans), ``runner`` (trainers, batches, t
 step, SSM), ``memory`` (subprocess per network; ``__main__`` is its entry point), ``predict``, ``profile``,
 ``report`` (targets, Markdown), ``cli`` (arguments, ``main``).
 """
-from .cli import main
+
+
+def main(argv=None):
+    """``cli.main``, imported on call: the package itself stays import-light, so its standalone modules
+    (``mamba_build``, ``gpu_check``) run where nnunetv2 does not import."""
+    from .cli import main as cli_main
+    return cli_main(argv)
+
 
 __all__ = ["main"]
