@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from nnunetv2_dsm.network.backbone import UNetFeatures
-from nnunetv2_dsm.network.dsm import DSMNetwork
-from nnunetv2_dsm.training.trainers import TINY_ARCHITECTURE
+from nnunetv2_dsm.network.dsm import TINY_ARCHITECTURE, DSMNetwork
 
 
 def plain_unet_kwargs(n_stages: int = 4, ndim: int = 3, base: int = 8):
@@ -37,7 +36,7 @@ def build_backbone(n_stages: int = 4, ndim: int = 3, base: int = 8) -> UNetFeatu
 
 def tiny_network(stage: int, n_stages: int = 4, ndim: int = 3, seed: int = 0) -> DSMNetwork:
     torch.manual_seed(seed)
-    return DSMNetwork(build_backbone(n_stages, ndim), stage, TINY_ARCHITECTURE, ndim=ndim, deep_supervision=True)
+    return DSMNetwork(build_backbone(n_stages, ndim), stage, TINY_ARCHITECTURE, ndim=ndim)
 
 
 def params_without_gradient(net: DSMNetwork, train_steps: int = 1, tumours: bool = False, seed: int = 1,
@@ -54,9 +53,9 @@ def params_without_gradient(net: DSMNetwork, train_steps: int = 1, tumours: bool
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
     for step in range(train_steps):
         opt.zero_grad()
-        out, extras = net(x, return_extras=True)
-        targets = [torch.rand((2, NUM_CLASSES, *o.shape[2:]), generator=g) > 0.7 for o in out]
-        DSMLoss(len(out))(out, targets, annotated, extras).backward()
+        out = net(x)
+        targets = [torch.rand((2, NUM_CLASSES, *o.shape[2:]), generator=g) > 0.7 for o in out.predictions()]
+        DSMLoss(len(targets))(out, targets, annotated).backward()
         if step < train_steps - 1:
             opt.step()
     return missing_gradients(net)

@@ -23,7 +23,7 @@ def tiny_plans(root: str) -> dict:
     SPACING with the tiny DSM decoder."""
     from dataclasses import asdict
     from nnunetv2_dsm.benchmark.plans import nnunet_environment, plan_synthetic_dataset, replan_topology
-    from nnunetv2_dsm.training.trainers import TINY_ARCHITECTURE
+    from nnunetv2_dsm.network.dsm import TINY_ARCHITECTURE
     with nnunet_environment(root):
         plans = plan_synthetic_dataset(root)
     cfg = plans["configurations"][CONFIGURATION]
@@ -44,7 +44,7 @@ def build_model_folder(results: Path, dataset: str = "Dataset997_DSMPredict", se
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2_dsm.benchmark.plans import dataset_json_for_benchmark
     from nnunetv2_dsm.benchmark.runner import text_embeddings
-    from nnunetv2_dsm.training.stage2 import nnUNetTrainerDSMStage2_tiny
+    from nnunetv2_dsm.training.nnUNetTrainerDSM_tiny import nnUNetTrainerDSMStage2_tiny
     folder = Path(results) / dataset / f"{TRAINER}__nnUNetPlans__{CONFIGURATION}"
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -54,7 +54,7 @@ def build_model_folder(results: Path, dataset: str = "Dataset997_DSMPredict", se
     pm = PlansManager(plans)
     torch.manual_seed(seed)
     net = nnUNetTrainerDSMStage2_tiny.build_network_architecture(pm, pm.get_configuration(CONFIGURATION), 1, 45,
-                                                                 False)
+                                                                 True)
     net.alignment.set_text_embeddings(text_embeddings(seed))
     torch.save({"trainer_name": TRAINER, "init_args": {"configuration": CONFIGURATION},
                 "network_weights": net.state_dict(), "inference_allowed_mirroring_axes": None},

@@ -59,9 +59,9 @@ def _global_batch():
 
 
 def _loss(net, stage, x, targets, annotated, normalizer=None):
-    out, extras = net(x, return_extras=True)
-    return DSMLoss(len(out), alignment_weight=1.0 if stage == 2 else 0.0, normalizer=normalizer)(
-        out, targets, annotated, extras)
+    output = net(x)
+    return DSMLoss(len(output.predictions()), alignment_weight=1.0 if stage == 2 else 0.0, normalizer=normalizer)(
+        output, targets, annotated)
 
 
 def _worker(rank: int, port: int, folder: str) -> None:
@@ -150,7 +150,7 @@ def _final_validation(rank: int, folder: str) -> None:
     """`nnUNetv2_train … --val` with one validation case and 2 ranks: the DSM trainer's final validation on a
     freshly wrapped DDP network (as after loading a checkpoint), nnU-Net's prediction loop stood in for."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2_dsm.training.trainers import nnUNetTrainerDSMStage1
+    from nnunetv2_dsm.training.nnUNetTrainerDSMStage1 import nnUNetTrainerDSMStage1
     nnUNetTrainer.perform_actual_validation = _nnunet_validation_share  # in this spawned process only
     trainer = object.__new__(nnUNetTrainerDSMStage1)
     trainer.is_ddp, trainer.local_rank, trainer.preprocessed_dataset_folder_base = True, rank, None
@@ -167,7 +167,7 @@ def test_final_validation_with_fewer_cases_than_ranks_finishes(ddp_results):
 
 def test_trainers_normalise_by_the_global_batch_under_ddp_only():
     from types import SimpleNamespace
-    from nnunetv2_dsm.training.stage2 import nnUNetTrainerDSMStage2
+    from nnunetv2_dsm.training.nnUNetTrainerDSMStage2 import nnUNetTrainerDSMStage2
     trainer = object.__new__(nnUNetTrainerDSMStage2)
     trainer.configuration_manager = SimpleNamespace(pool_op_kernel_sizes=[[1, 1, 1]] + [[2, 2, 2]] * 3)
     trainer.enable_deep_supervision = True

@@ -12,8 +12,9 @@ from nnunetv2_dsm.labels import CLASS_NAMES, NUM_CLASSES, NUM_ORGANS, class_inde
 from nnunetv2_dsm.network.alignment import class_mixing_weights, cosine_similarity
 from nnunetv2_dsm.network.kmeans_layer import kmeans_update
 from nnunetv2_dsm.training.loss import alignment_loss, organ_targets_without_tumours
-from nnunetv2_dsm.training.stage2 import transfer_weights
-from nnunetv2_dsm.training.trainers import left_right_axis, nnUNetTrainerDSMStage1
+from nnunetv2_dsm.training.nnUNetTrainerDSMBase import left_right_axis
+from nnunetv2_dsm.training.nnUNetTrainerDSMStage1 import nnUNetTrainerDSMStage1
+from nnunetv2_dsm.training.nnUNetTrainerDSMStage2 import transfer_weights
 
 
 def test_after_the_alignment_converges_every_class_keeps_its_weight_on_its_own_query():
@@ -50,7 +51,7 @@ def test_stage2_at_step_0_reproduces_stage1_organ_logits():
     x = torch.randn(2, 1, 32, 32, 32)
     with torch.no_grad():
         out1, out2 = s1(x), s2(x)
-    for o1, o2 in zip(out1, out2):   # final logits, then every kMMM layer's organ responses
+    for o1, o2 in zip(out1.predictions(), out2.predictions()):   # final logits, then every kMMM layer's organs
         torch.testing.assert_close(o2[:, :NUM_ORGANS], o1[:, :NUM_ORGANS], rtol=1e-5, atol=1e-5)
 
 

@@ -57,7 +57,7 @@ def test_zip_round_trip_keeps_text_record_and_prompt_cache(model, tmp_path, monk
 def test_stock_export_carries_the_record_in_dataset_json(model, tmp_path, monkeypatch, capsys):
     """After record_text_in_dataset_json (for the Stage 2 trainer to call), nnU-Net's own exporter is enough."""
     from nnunetv2.model_sharing.model_export import export_pretrained_model
-    from nnunetv2_dsm.inference.model_zip import record_text_in_dataset_json
+    from nnunetv2_dsm.text.model_record import record_text_in_dataset_json
     folder = _exportable(model)
     assert record_text_in_dataset_json(str(folder))
     archive = tmp_path / "stock.zip"

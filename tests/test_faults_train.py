@@ -80,7 +80,7 @@ def test_checkpoint_without_network_weights(tmp_path):
 
 
 def test_stage2_loads_the_stage1_checkpoint_safely(tmp_path, monkeypatch):
-    from nnunetv2_dsm.training.stage2 import nnUNetTrainerDSMStage2
+    from nnunetv2_dsm.training.nnUNetTrainerDSMStage2 import nnUNetTrainerDSMStage2
     marker = tmp_path / "PWNED"
     torch.save({"network_weights": {}, "x": _Payload(marker)}, tmp_path / "stage1.pth")
     fake = SimpleNamespace(stage1_checkpoint_path=lambda: str(tmp_path / "stage1.pth"))

@@ -5,7 +5,7 @@ import torch
 from _dsm_helpers import build_backbone, params_without_gradient, tiny_network
 from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS
 from nnunetv2_dsm.network.backbone import PlansError, kmmm_stage_indices
-from nnunetv2_dsm.network.dsm import ABSENT_LOGIT
+from nnunetv2_dsm.network.output import ABSENT_LOGIT, PredictionNetwork
 from nnunetv2_dsm.network.kmeans_layer import kmeans_assignment, kmeans_update, mask_logits, nonempty_clusters
 from nnunetv2_dsm.training.loss import DSMLoss, partial_label_dice_bce
 
@@ -14,11 +14,11 @@ def test_stage1_shapes_and_deep_supervision_outputs():
     net = tiny_network(stage=1)
     x = torch.randn(2, 1, 32, 32, 32)
     out = net(x)
-    assert [tuple(o.shape) for o in out] == [(2, 45, 32, 32, 32), (2, 25, 32, 32, 32), (2, 25, 16, 16, 16),
-                                             (2, 25, 8, 8, 8), (2, 25, 4, 4, 4)]
-    assert torch.all(out[0][:, NUM_ORGANS:] == ABSENT_LOGIT)  # no tumour queries in Stage 1
-    net.deep_supervision = False
-    assert tuple(net(x).shape) == (2, 45, 32, 32, 32)
+    assert [tuple(o.shape) for o in out.predictions()] == [(2, 45, 32, 32, 32), (2, 25, 32, 32, 32),
+                                                           (2, 25, 16, 16, 16), (2, 25, 8, 8, 8), (2, 25, 4, 4, 4)]
+    assert torch.all(out.logits[:, NUM_ORGANS:] == ABSENT_LOGIT)  # no tumour queries in Stage 1
+    assert out.query_class_log_probs is None and tuple(out.queries.shape) == (2, NUM_ORGANS, net.arch.dim)
+    assert tuple(PredictionNetwork(net)(x).shape) == (2, 45, 32, 32, 32)     # what nnU-Net's predictor sees
 
 
 def test_every_trainable_parameter_gets_a_nonzero_gradient_after_one_stage1_step():
@@ -51,7 +51,7 @@ def test_stage1_loss_falls_on_one_phantom_batch():
     x = (x - x.mean()) / x.std()
     mh = torch.stack([torch.from_numpy(c.multi_hot) for c in cases])
     net = tiny_network(stage=1, n_stages=5)       # kMMM layers at strides 2-16, as a planned network has them
-    targets = [mh[:, :, ::32 // o.shape[-1], ::32 // o.shape[-1], ::32 // o.shape[-1]] for o in net(x)]
+    targets = [mh[:, :, ::32 // o.shape[-1], ::32 // o.shape[-1], ::32 // o.shape[-1]] for o in net(x).predictions()]
     annotated = torch.zeros(2, NUM_CLASSES, dtype=torch.bool)
     annotated[:, :NUM_ORGANS] = True
     loss_fn, opt = DSMLoss(len(targets)), torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=1e-5)
@@ -132,7 +132,7 @@ def test_fewer_than_four_stages_is_a_clear_error():
 def test_2d_configuration_builds_and_runs():
     net = tiny_network(stage=1, ndim=2)
     out = net(torch.randn(2, 1, 32, 32))
-    assert tuple(out[0].shape) == (2, 45, 32, 32)
+    assert tuple(out.logits.shape) == (2, 45, 32, 32)
 
 
 def test_backbone_returns_encoder_scales_and_decoder_feature():
@@ -146,14 +146,14 @@ def test_untrained_classes_answer_absent_at_inference_only():
     net.trained_classes[1] = False                     # e.g. no training case annotates the right kidney
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
-        train_out = net(x)[0]
-        net.deep_supervision = False
-        out = net(x)
+        train_out = net(x).logits
+        out = PredictionNetwork(net)(x)
     assert torch.all(out[:, 1] == ABSENT_LOGIT) and not torch.all(train_out[:, 1] == ABSENT_LOGIT)
     torch.testing.assert_close(out[:, [0, 2]], train_out[:, [0, 2]])
     state = net.state_dict()
     assert not state["trained_classes"][1]             # saved with the weights: the stock predictor applies it
     del state["trained_classes"]                       # a checkpoint from before the buffer still loads
-    fresh = tiny_network(stage=1)
+    fresh = PredictionNetwork(tiny_network(stage=1))  # nnU-Net's predictor loads the checkpoint into the adapter
     fresh.load_state_dict(state)
+    fresh = fresh.network
     assert fresh.trained_classes.all()

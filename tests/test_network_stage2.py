@@ -7,7 +7,7 @@ from _dsm_helpers import params_without_gradient, tiny_network
 from nnunetv2_dsm.labels import NUM_CLASSES
 from nnunetv2_dsm.network.alignment import TAU, class_mixing_weights, query_class_log_probs
 from nnunetv2_dsm.training.loss import DSMLoss, alignment_loss
-from nnunetv2_dsm.training.stage2 import RUN_RECORDS, summarize_modules, transfer_weights
+from nnunetv2_dsm.training.nnUNetTrainerDSMStage2 import RUN_RECORDS, summarize_modules, transfer_weights
 
 
 def _text(n=NUM_CLASSES, seed=0):
@@ -23,10 +23,10 @@ def stage2_network(seed=0, ndim=3):
 
 def test_stage2_outputs_all_45_classes_and_per_layer_predictions():
     net = stage2_network()
-    out, extras = net(torch.randn(2, 1, 32, 32, 32), return_extras=True)
-    assert [tuple(o.shape) for o in out] == [(2, 45, 32, 32, 32), (2, 45, 32, 32, 32), (2, 45, 16, 16, 16),
-                                             (2, 45, 8, 8, 8), (2, 45, 4, 4, 4)]
-    assert tuple(extras["query_class_log_probs"].shape) == (2, 45, 45)
+    out = net(torch.randn(2, 1, 32, 32, 32))
+    assert [tuple(o.shape) for o in out.predictions()] == [(2, 45, 32, 32, 32), (2, 45, 32, 32, 32),
+                                                           (2, 45, 16, 16, 16), (2, 45, 8, 8, 8), (2, 45, 4, 4, 4)]
+    assert tuple(out.query_class_log_probs.shape) == (2, 45, 45)
 
 
 def test_every_trainable_parameter_gets_a_nonzero_gradient_in_stage2_training():
@@ -56,21 +56,13 @@ def test_class_masks_are_their_own_query_masks_and_a_prompt_mixes_trained_querie
     text, with the projections aligned, reproduces class k's map; when class k is untrained the prompt falls to the
     other (trained) queries and query k gets weight 0."""
     net = stage2_network()
-    net.deep_supervision = False
     x = torch.randn(1, 1, 32, 32, 32)
-    captured = {}
-
-    def extras(network, queries, pixel_embedding, logits, organ_response):
-        captured.update(queries=queries, pixel=pixel_embedding, logits=logits)
-        return logits[:, :0]
-
-    net.inference_extras = extras
     with torch.no_grad():
-        net(x)
-        q, e = captured["queries"], captured["pixel"]
+        out = net(x)
+        q, e = out.queries, out.pixel_embedding
         kernels, biases = net.query_kernels(q)
         own = torch.einsum("bnd,bdxyz->bnxyz", kernels, e) + biases[..., None, None, None]
-        torch.testing.assert_close(captured["logits"], own, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.logits, own, rtol=1e-4, atol=1e-4)
         al = net.alignment
         al.set_text_embeddings(F.normalize(al.project(q)[0], dim=-1))     # perfectly aligned projections
         w, _ = al.prompt_weights(q, al.text_embeddings[30:31])
@@ -103,11 +95,10 @@ def test_stage1_weights_load_into_stage2_and_only_stage2_modules_are_new():
     assert "tumour.queries" in summarize_modules(fresh) or "tumour.diffusion" in summarize_modules(fresh)
     x = torch.randn(1, 1, 32, 32, 32)
     s1.eval(), s2.eval()
-    s1.deep_supervision = s2.deep_supervision = False
     with torch.no_grad():  # the backbone is shared exactly
         assert torch.equal(s1.backbone(x)[1], s2.backbone(x)[1])
 
 
 def test_stage2_2d():
     out = stage2_network(ndim=2)(torch.randn(2, 1, 32, 32))
-    assert tuple(out[0].shape) == (2, 45, 32, 32)
+    assert tuple(out.logits.shape) == (2, 45, 32, 32)

@@ -22,7 +22,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2_dsm.labels import CLASS_NAMES, dataset_json_labels, regions_class_order
 from nnunetv2_dsm.manifest import make_entry, make_manifest
 from nnunetv2_dsm.network.dsm import DSMArchitecture
-from nnunetv2_dsm.training.trainers import TINY_ARCHITECTURE, nnUNetTrainerDSMBase
+from nnunetv2_dsm.network.dsm import TINY_ARCHITECTURE
+from nnunetv2_dsm.training.nnUNetTrainerDSMBase import nnUNetTrainerDSMBase
 
 
 SECTIONS = ("step", "memory", "predict", "ssm", "profile")
@@ -47,6 +48,7 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------------------- machine
 def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else the platform's)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

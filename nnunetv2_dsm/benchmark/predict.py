@@ -47,8 +47,8 @@ def bench_predict(setup: Dict, names: Sequence[str], volume: Sequence[int], warm
         torch.manual_seed(setup["seed"])
         net = cls.build_network_architecture(plans_manager, configuration_manager, n_in, heads, False)
         net = net.to(torch.device(device))
-        if n == "dsm_stage2":
-            net.alignment.set_text_embeddings(text_embeddings(setup["seed"]).to(device))
+        if n == "dsm_stage2":   # nnU-Net's predictor gets DSM's logits view (output.PredictionNetwork)
+            net.network.alignment.set_text_embeddings(text_embeddings(setup["seed"]).to(device))
         net.eval()
         with contextlib.redirect_stdout(io.StringIO()):
             predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,

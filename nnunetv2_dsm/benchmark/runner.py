@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_dsm.training.stage2 import nnUNetTrainerDSMStage2
-from nnunetv2_dsm.training.trainers import nnUNetTrainerDSMStage1
+from nnunetv2_dsm.training.nnUNetTrainerDSMStage1 import nnUNetTrainerDSMStage1
+from nnunetv2_dsm.training.nnUNetTrainerDSMStage2 import nnUNetTrainerDSMStage2
 
 from .plans import CASE_ID
 
@@ -94,6 +94,7 @@ def sync(device: str) -> None:
 
 
 def timed(fn: Callable, device: str) -> float:
+    """Seconds one call of ``fn`` takes, with the device synchronised before and after."""
     sync(device)
     t = time.perf_counter()
     fn()

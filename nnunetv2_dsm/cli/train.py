@@ -22,7 +22,7 @@ def ensure_ext_trainer_env() -> None:
 def _dsm_errors() -> tuple:
     """The DSM exceptions that are bad input (imported lazily: they pull torch in)."""
     from nnunetv2_dsm.text import TextEmbeddingError
-    from nnunetv2_dsm.training.stage2 import Stage1CheckpointError
+    from nnunetv2_dsm.training.nnUNetTrainerDSMStage2 import Stage1CheckpointError
     return Stage1CheckpointError, TextEmbeddingError
 
 

@@ -392,11 +392,8 @@ class EpochPrinter:
 
 def trainer_epochs(trainer: str) -> Optional[int]:
     """Epochs of a DSM short-run trainer (None if unknown)."""
-    from nnunetv2_dsm.training import demo_trainers, stage2, trainers
-    for mod in (demo_trainers, stage2, trainers):
-        if hasattr(mod, trainer):
-            return getattr(getattr(mod, trainer), "short_epochs", None)
-    return None
+    from nnunetv2_dsm.nnunet_ext import nnunetv2_dsm_trainers as registered   # lazy: pulls nnU-Net's trainers in
+    return getattr(getattr(registered, trainer, None), "short_epochs", None)
 
 
 def _clock(seconds: float) -> str:

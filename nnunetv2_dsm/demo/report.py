@@ -226,7 +226,7 @@ def load_summaries(eval_dir) -> Dict[str, Optional[dict]]:
 def collect_and_write(demo) -> Path:
     """Gather a :class:`~nnunetv2_dsm.demo.pipeline.Demo`'s results and call :func:`write_report`."""
     from nnunetv2_dsm.demo.pipeline import CONFIG, DATASET, FOLD, PROMPT_SLUG  # lazy: the pipeline imports us
-    from nnunetv2_dsm.training import demo_trainers, stage2, trainers  # lazy: pulls nnU-Net's trainers in
+    from nnunetv2_dsm.nnunet_ext import nnunetv2_dsm_trainers as registered  # lazy: pulls nnU-Net's trainers in
     preset, state = demo.preset, demo.state
     summaries = load_summaries(demo.eval_dir)
     steps = [(step.name, state["steps"].get(step.name, {}).get("status", "not run"),
@@ -235,8 +235,7 @@ def collect_and_write(demo) -> Path:
              for step in demo.steps() if step.name != "report"]
 
     def trainer_row(name):
-        cls = next((getattr(module, name) for module in (demo_trainers, stage2, trainers) if hasattr(module, name)),
-                   None)
+        cls = getattr(registered, name, None)
         return name if cls is None else (f"{name}: {cls.short_epochs} epochs × {cls.short_iterations} iterations, "
                                          f"lr {cls.short_lr:g} (AdamW, poly), fold '{FOLD}'")
     cases, counts = [], {}

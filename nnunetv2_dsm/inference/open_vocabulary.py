@@ -1,6 +1,6 @@
 """Extra prediction channels: masks for free-text prompts (open vocabulary, Eq. 20) and the anomaly map (Eq. 14).
 
-Installed on a DSMNetwork as ``network.inference_extras``, so nnU-Net's own predictor (sliding window, Gaussian
+An inference head of ``network.output.PredictionNetwork``, so nnU-Net's own predictor (sliding window, Gaussian
 weighting, mirroring, fold averaging) computes them alongside the 45 class channels:
 
 * prompt p (a CLIP text embedding t_p): the prompt joins the 45 class prompts in Eq. 20's softmax, so it competes
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from nnunetv2_dsm.labels import CLASS_NAMES, NUM_ORGANS
 from nnunetv2_dsm.network.alignment import mix_kernels
 from nnunetv2_dsm.network.kmeans_layer import mask_logits
+from nnunetv2_dsm.network.output import DSMOutput
 
 
 def anomaly_map(organ_response: torch.Tensor, size) -> torch.Tensor:
@@ -35,8 +36,8 @@ def anomaly_map(organ_response: torch.Tensor, size) -> torch.Tensor:
 
 
 class OpenVocabularyOutputs:
-    """Callable for ``DSMNetwork.inference_extras``: returns (B, P + A, *S) — P prompt mask logits, then the anomaly
-    map if ``anomaly`` (A = 1)."""
+    """Inference head (``network.output.InferenceHead``): ``head(network, output) -> (B, P + A, *S)`` — P prompt mask
+    logits, then the anomaly map if ``anomaly`` (A = 1)."""
 
     def __init__(self, prompt_embeddings: Optional[torch.Tensor] = None, anomaly: bool = False):
         self.prompt_embeddings = prompt_embeddings
@@ -56,16 +57,15 @@ class OpenVocabularyOutputs:
         self._cos_sum: Optional[torch.Tensor] = None     # (P, N) summed cosines
         self._count = 0
 
-    def __call__(self, network, queries: torch.Tensor, pixel_embedding: torch.Tensor,
-                 class_logits: torch.Tensor, organ_response: torch.Tensor) -> torch.Tensor:
+    def __call__(self, network, output: DSMOutput) -> torch.Tensor:
         extra: List[torch.Tensor] = []
         if self.num_prompts:
             if network.stage != 2:
                 raise RuntimeError("free-text prompts need a Stage 2 model (nnUNetTrainerDSMStage2): Stage 1 has no "
                                    "tumour queries and no CLIP alignment")
-            extra.append(self._prompt_logits(network, queries, pixel_embedding))
+            extra.append(self._prompt_logits(network, output.queries, output.pixel_embedding))
         if self.anomaly:
-            extra.append(anomaly_map(organ_response, class_logits.shape[2:]).to(class_logits.dtype))
+            extra.append(anomaly_map(output.layers[0], output.logits.shape[2:]))
         return torch.cat(extra, 1)
 
     def _prompt_logits(self, network, queries, pixel_embedding):

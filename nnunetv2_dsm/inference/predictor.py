@@ -32,16 +32,17 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from nnunetv2_dsm.cli.errors import UserError
 from nnunetv2_dsm.inference.export import (atomic_target, atomic_write_text, label_map, resampled_channels,
                                            to_input_grid, to_original_grid, write_float_image, write_seg)
 from nnunetv2_dsm.inference.inputs import InputCase, InputError, find_cases, load_case, select_part
-from nnunetv2_dsm.inference.model_zip import TEXT_INFO_FILE  # noqa: F401 (the Stage 2 trainer imports it from here)
 from nnunetv2_dsm.inference.open_vocabulary import OpenVocabularyOutputs
 from nnunetv2_dsm.inference.outputs import (CLEAN_NAMES, PREVIEW_FOLDER, STATISTICS_FOLDER, class_statistics,
                                             write_label_tables, write_preview)
 from nnunetv2_dsm.labels import LABEL_DTYPE, NUM_CLASSES
+from nnunetv2_dsm.text.model_record import TEXT_INFO_FILE, prompt_cache_files, text_record
 
 OUTPUT_TYPES = ("nifti", "dicom_seg")
 
@@ -83,19 +84,18 @@ class PredictOptions:
     prompt_slugs: List[str] = field(default_factory=list)
 
 
-class _ExtraHeadsLabelManager:
-    """nnU-Net's sliding window allocates ``label_manager.num_segmentation_heads`` channels; DSM's prediction carries
-    prompt and anomaly channels after the 45 classes. Everything else is the dataset's own label manager."""
+class PredictionChannels(LabelManager):
+    """The dataset's label manager, telling nnU-Net's sliding window to allocate ``extra`` channels after the 45
+    classes (prompt masks, the anomaly map: ``PredictionNetwork``'s heads). Export uses ``dataset_labels``."""
 
-    def __init__(self, base, extra: int):
-        self._base, self._extra = base, extra
-
-    def __getattr__(self, name):
-        return getattr(self._base, name)
+    def __init__(self, dataset_labels: LabelManager, extra: int):
+        super().__init__(dataset_labels.label_dict, dataset_labels.regions_class_order,
+                         inference_nonlin=dataset_labels.inference_nonlin)
+        self.dataset_labels, self.extra_channels = dataset_labels, extra
 
     @property
     def num_segmentation_heads(self) -> int:
-        return self._base.num_segmentation_heads + self._extra
+        return super().num_segmentation_heads + self.extra_channels
 
 
 def check_model_folder(model_folder: str, folds, checkpoint_name: str) -> None:
@@ -113,7 +113,6 @@ def prompt_embeddings(prompts: Sequence[str], model_folder: str, opts: PredictOp
     """CLIP embeddings (P, 512) of the prompts with the text model the checkpoint was trained with, from the caches
     (model folder, dataset, the model's dataset.json record) or, for new prompts, the text tower."""
     import tempfile
-    from nnunetv2_dsm.inference.model_zip import text_record
     from nnunetv2_dsm.text import DEFAULT_MODEL, embed_prompts
     info, shipped = text_record(model_folder)
     weights = opts.clip_weights or info.get("weights")
@@ -131,19 +130,6 @@ def prompt_embeddings(prompts: Sequence[str], model_folder: str, opts: PredictOp
             caches.append(os.path.join(tmp, "shipped.pt"))
         return embed_prompts(list(prompts), model_name=info.get("model", DEFAULT_MODEL), clip_weights=weights,
                              random_weights=opts.random_weights, cache_file=caches)
-
-
-def prompt_cache_files(model_folder: str) -> List[str]:
-    """Where cached prompt embeddings are looked up: the model folder's cache (new prompts go there) and the one
-    ``nnUNetv2_dsm_embed_prompts -d ... --extra-prompts`` fills in ``$nnUNet_preprocessed/<dataset>`` (if set)."""
-    from nnunetv2_dsm.text import PROMPT_CACHE_NAME
-    files = [os.path.join(model_folder, PROMPT_CACHE_NAME)]
-    pre = os.environ.get("nnUNet_preprocessed")
-    plans_file = os.path.join(model_folder, "plans.json")
-    if pre and os.path.isfile(plans_file):
-        with open(plans_file) as f:
-            files.append(os.path.join(pre, json.load(f)["dataset_name"], PROMPT_CACHE_NAME))
-    return files
 
 
 def _outputs_done(out: str, case: str, ending: str, opts: PredictOptions) -> bool:
@@ -174,9 +160,8 @@ def export_case(logits: torch.Tensor, properties: dict, predictor, out: str, cas
     """Write every requested output of one case from its logits (45 + P + A, *patch grid) on the input's own grid;
     ``image_lps`` (z, y, x) is the CT on the LPS grid (statistics, preview, DICOM-SEG). Returns prompt voxel counts."""
     pm, cm, ending = predictor.plans_manager, predictor.configuration_manager, opts.file_ending
-    lm = predictor.label_manager._base if isinstance(predictor.label_manager, _ExtraHeadsLabelManager) \
-        else predictor.label_manager
-    seg = label_map(logits, properties, pm, cm, lm.regions_class_order).astype(LABEL_DTYPE)
+    labels = getattr(predictor.label_manager, "dataset_labels", predictor.label_manager)
+    seg = label_map(logits, properties, pm, cm, labels.regions_class_order).astype(LABEL_DTYPE)
     write_seg(to_input_grid(seg, properties), os.path.join(out, case + ending), properties, SimpleITKIO())
     if opts.output_type == "dicom_seg":
         from nnunetv2_dsm.inference.dicom_seg import write_dicom_seg
@@ -239,14 +224,14 @@ def load_predictor(model_folder: str, folds, checkpoint_name: str, device: torch
     network. Returns (predictor, OpenVocabularyOutputs)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2_dsm.network.dsm import DSMNetwork
-    from nnunetv2_dsm.training.trainers import unwrap
 
     check_model_folder(model_folder, folds, checkpoint_name)
     predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                 perform_everything_on_device=device.type == "cuda", device=device, verbose=verbose,
                                 allow_tqdm=not opts.disable_progress_bar)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name)
-    network = unwrap(predictor.network)
+    adapter = getattr(predictor.network, "_orig_mod", predictor.network)     # torch.compile'd with nnUNet_compile
+    network = getattr(adapter, "network", adapter)
     if not isinstance(network, DSMNetwork):
         raise PredictionError(f"{model_folder} holds a {type(network).__name__}, not a DSM model: use nnUNetv2_predict")
     if opts.prompts and network.stage != 2:
@@ -255,8 +240,8 @@ def load_predictor(model_folder: str, folds, checkpoint_name: str, device: torch
     extras = OpenVocabularyOutputs(prompt_embeddings(opts.prompts, model_folder, opts) if opts.prompts else None,
                                    anomaly=opts.save_anomaly_maps)
     if extras.num_channels:
-        network.inference_extras = extras
-        predictor.label_manager = _ExtraHeadsLabelManager(predictor.label_manager, extras.num_channels)
+        adapter.heads = [extras]
+        predictor.label_manager = PredictionChannels(predictor.label_manager, extras.num_channels)
     return predictor, extras
 
 

@@ -11,8 +11,9 @@ prompt-masked cross-attention of the tumour queries (Eq. 19), then organ and tum
 Class k's mask is query k's mask (index match); the CLIP class-prompt alignment (Eq. 20) learns to name the
 queries, and free-text prompts mix the masks of the trained queries that match them (network/alignment.py).
 
-Output: raw logits (B, 45, *S). With ``deep_supervision`` on, a list [final, layer 4, ..., layer 1] — the
-per-layer predictions fine → coarse, which the trainer supervises (kMaX-style auxiliary losses).
+Output: one structure, :class:`nnunetv2_dsm.network.output.DSMOutput` (class logits (B, 45, *S), the per-layer
+predictions fine → coarse that the trainer supervises kMaX-style, the final queries and pixel embedding, Eq. 20's
+log-probabilities). nnU-Net's predictor sees it through ``output.PredictionNetwork``.
 """
 from __future__ import annotations
 
@@ -27,17 +28,7 @@ from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS, NUM_TUMOURS
 from nnunetv2_dsm.network.alignment import ClassPromptAlignment
 from nnunetv2_dsm.network.backbone import UNetFeatures, kmmm_stage_indices
 from nnunetv2_dsm.network.kmeans_layer import KMeansMaskMambaLayer, conv1x1, mask_logits
-
-ABSENT_LOGIT = -20.0  # sigmoid(-20) ≈ 2e-9: Stage 1's answer for the tumour channels it has no queries for
-
-
-def mask_untrained_classes(logits: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
-    """logits (B, 45, *S), trained (45,) bool → logits with every untrained class at ABSENT_LOGIT."""
-    if bool(trained.all()):
-        return logits
-    keep = trained.to(logits.device).reshape(1, -1, *[1] * (logits.ndim - 2))
-    return torch.where(keep, logits, logits.new_tensor(ABSENT_LOGIT))
-
+from nnunetv2_dsm.network.output import ABSENT_LOGIT, DSMOutput
 
 @dataclass(frozen=True)
 class DSMArchitecture:
@@ -57,6 +48,10 @@ class DSMArchitecture:
             raise ValueError(f"unknown keys {sorted(unknown)} under 'dsm_architecture' in the plans; allowed: "
                              f"{[f.name for f in fields(cls)]}")
         return cls(**{**asdict(default), **override})
+
+
+# Narrow decoders for tests, demos and CPU benchmarks (the ``_tiny``/``_demo`` trainer variants)
+TINY_ARCHITECTURE = DSMArchitecture(dim=64, mask_dim=32, pixel_dim=16, num_heads=4, ffn_dim=128)
 
 
 class DSMNetwork(nn.Module):
@@ -99,35 +94,27 @@ class DSMNetwork(nn.Module):
         h = self.final_norm(queries)
         return self.final_kernel(h), self.final_bias(h)[..., 0]
 
-    def forward(self, x: torch.Tensor, return_extras: bool = False):
+    def forward(self, x: torch.Tensor) -> DSMOutput:
+        """x (B, C, *S) → :class:`DSMOutput`."""
         skips, decoded = self.backbone(x)
-        features = [skips[i] for i in self.scale_indices]
         queries = self.organ_queries.expand(x.shape[0], -1, -1)
-        aux: List[torch.Tensor] = []
-        extras: Dict[str, torch.Tensor] = {}
+        layers: List[torch.Tensor] = []
         tumour_state = self.tumour.init_state(x.shape[0]) if self.stage == 2 else None
-        organ_response = None
-        for layer, feat in zip(self.kmmm, features):
-            queries, organ_response, pixel, pixel_embedding = layer(queries, feat)
-            response = organ_response
+        for layer, feat in zip(self.kmmm, (skips[i] for i in self.scale_indices)):
+            queries, organ_response, _, pixel_embedding = layer(queries, feat)
             if self.stage == 2:
                 queries, tumour_state, tumour_logits = self.tumour.refine(
                     queries, tumour_state, feat, organ_response, pixel_embedding)
-                response = torch.cat((organ_response, tumour_logits), 1)
-            aux.append(response)
+                organ_response = torch.cat((organ_response, tumour_logits), 1)
+            layers.insert(0, organ_response)                    # fine → coarse
+        log_p = None
         if self.stage == 2:
             queries = torch.cat((queries, tumour_state["queries"]), 1)
-            extras["query_class_log_probs"] = self.alignment(queries)
+            log_p = self.alignment(queries)
         pixel_embedding = F.normalize(self.pixel_head(decoded), dim=1)
         kernels, biases = self.query_kernels(queries)
         logits = mask_logits(pixel_embedding, kernels) + biases.reshape(*biases.shape, *[1] * (x.ndim - 2))
         if self.stage == 1:
             absent = logits.new_full((logits.shape[0], NUM_TUMOURS, *logits.shape[2:]), ABSENT_LOGIT)
             logits = torch.cat((logits, absent), 1)
-        if not self.deep_supervision:
-            logits = mask_untrained_classes(logits, self.trained_classes)
-        if not self.deep_supervision and self.inference_extras is not None:
-            extra = self.inference_extras(self, queries, pixel_embedding, logits, organ_response)
-            logits = torch.cat((logits, extra), 1)
-        out = [logits] + aux[::-1] if self.deep_supervision else logits
-        return (out, extras) if return_extras else out
+        return DSMOutput(logits, layers, queries, pixel_embedding, log_p)

@@ -26,7 +26,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
 from nnunetv2_dsm.accuracy.schedule import SCHEDULE_ENV, parse_schedule
-from nnunetv2_dsm.training.demo_trainers import nnUNetTrainerDSMStage1_demo, nnUNetTrainerDSMStage2_demo
+from nnunetv2_dsm.training.nnUNetTrainerDSM_demo import nnUNetTrainerDSMStage1_demo, nnUNetTrainerDSMStage2_demo
 
 
 class ScheduleMixin:

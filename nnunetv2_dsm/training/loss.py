@@ -6,7 +6,7 @@ they contribute exactly zero loss and zero gradient.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2_dsm.labels import NUM_ORGANS
+from nnunetv2_dsm.network.output import DSMOutput
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 Normalizer = Callable[[torch.Tensor], torch.Tensor]  # number of annotated pairs → the divisor of their sum
@@ -76,9 +77,14 @@ def deep_supervision_weights(n_outputs: int) -> np.ndarray:
 
 
 class DSMLoss(nn.Module):
-    """Weighted partial-label Dice+BCE over [final, layer outputs...] plus the Stage-2 alignment term.
-    ``normalizer``: see :func:`partial_label_dice_bce` (the trainers pass the global one under DDP). The layer
-    outputs (all but the first) are supervised with :func:`organ_targets_without_tumours`."""
+    """Weighted partial-label Dice+BCE over the network's predictions [final, layer outputs fine → coarse] plus the
+    Stage 2 alignment term: ``loss(output: DSMOutput, targets)``.
+
+    ``targets``: one (B, 45, *S) multi-hot target per deep-supervision scale (nnU-Net's list), or a single tensor for
+    the final logits only. The classes each case annotates, (B, 45) bool, are ``annotated`` or, when that is None,
+    the ``annotated`` attribute the trainer sets for every batch (so nnU-Net's own ``train_step`` calls the loss
+    unchanged). The layer outputs are supervised with :func:`organ_targets_without_tumours`. ``normalizer``: see
+    :func:`partial_label_dice_bce` (the trainers pass the global one under DDP)."""
 
     def __init__(self, n_outputs: int, alignment_weight: float = 1.0, smooth: float = 1e-5,
                  normalizer: Optional[Normalizer] = None):
@@ -87,22 +93,23 @@ class DSMLoss(nn.Module):
         self.alignment_weight = alignment_weight
         self.smooth = smooth
         self.normalizer = normalizer
+        self.annotated: Optional[torch.Tensor] = None
 
-    def forward(self, outputs: TensorOrList, targets: TensorOrList, annotated: torch.Tensor,
-                extras: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
-        if isinstance(outputs, torch.Tensor):
-            outputs, targets = [outputs], [targets if isinstance(targets, torch.Tensor) else targets[0]]
-        if len(outputs) > len(targets):
-            raise ValueError(f"{len(outputs)} network outputs but {len(targets)} targets; the trainer's deep "
-                             f"supervision scales must list one target resolution per output")
-        weights = self.weights if len(outputs) == len(self.weights) else deep_supervision_weights(len(outputs))
-        layer_targets = [t if i == 0 else organ_targets_without_tumours(t, annotated)
-                         for i, t in enumerate(targets[:len(outputs)])]
+    def forward(self, output: DSMOutput, targets: TensorOrList,
+                annotated: Optional[torch.Tensor] = None) -> torch.Tensor:
+        annotated = self.annotated if annotated is None else annotated
+        if annotated is None:
+            raise RuntimeError("DSMLoss needs the classes each case annotates: pass `annotated` (B, 45) or set "
+                               "loss.annotated for the batch (the DSM trainers do)")
+        targets = [targets] if isinstance(targets, torch.Tensor) else list(targets)
+        predictions = output.predictions()[:len(targets)]
+        weights = self.weights if len(predictions) == len(self.weights) else deep_supervision_weights(len(predictions))
+        layer_targets = [t if i == 0 else organ_targets_without_tumours(t, annotated) for i, t in enumerate(targets)]
         loss = sum(w * partial_label_dice_bce(o, t, annotated, self.smooth, self.normalizer)
-                   for w, o, t in zip(weights, outputs, layer_targets))
-        if extras and "query_class_log_probs" in extras and self.alignment_weight:
+                   for w, o, t in zip(weights, predictions, layer_targets))
+        if output.query_class_log_probs is not None and self.alignment_weight:
             # a mean over every (case, query): with equal per-rank batches DDP's gradient average is the global mean
-            loss = loss + self.alignment_weight * alignment_loss(extras["query_class_log_probs"])
+            loss = loss + self.alignment_weight * alignment_loss(output.query_class_log_probs)
         return loss
 
 

@@ -1,4 +1,6 @@
-"""DSM Stage 2 trainer and the Stage 1 → Stage 2 hand-over.
+"""DSM Stage 2 (paper §4.2) and the Stage 1 → Stage 2 hand-over.
+
+    nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerDSMStage2
 
 Stage 2 starts from the Stage 1 model of the same dataset, plans, configuration and fold. It is found by
 convention at ``$nnUNet_results/<Dataset>/<Stage1 trainer>__<plans>__<configuration>/fold_<f>/checkpoint_final.pth``
@@ -16,8 +18,11 @@ from typing import Dict, List, Tuple
 import torch
 from nnunetv2.paths import nnUNet_results
 
-from nnunetv2_dsm.inference.model_zip import record_text_in_dataset_json
-from nnunetv2_dsm.training.trainers import ShortRunMixin, nnUNetTrainerDSMBase, unwrap
+from nnunetv2_dsm.checkpoint import load_checkpoint   # weights_only=True: a crafted file runs no code
+from nnunetv2_dsm.io_utils import atomic_save_json
+from nnunetv2_dsm.text import load_class_embeddings
+from nnunetv2_dsm.text.model_record import TEXT_INFO_FILE, record_text_in_dataset_json
+from nnunetv2_dsm.training.nnUNetTrainerDSMBase import nnUNetTrainerDSMBase, unwrap
 
 STAGE1_CHECKPOINT_ENV = "nnUNet_dsm_stage1_checkpoint"
 
@@ -73,7 +78,6 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
                 f"{self.plans_manager.dataset_name} {self.configuration_name} {self.fold} -tr "
                 f"{self.stage1_trainer_name} -p {self.plans_manager.plans_name}) or point "
                 f"{STAGE1_CHECKPOINT_ENV} at a Stage 1 checkpoint_final.pth.")
-        from nnunetv2_dsm.checkpoint import load_checkpoint   # weights_only=True: a crafted file runs no code
         checkpoint = load_checkpoint(path, "Stage 1 checkpoint")
         if checkpoint.get("trainer_name", "").find("DSMStage1") < 0:
             self.print_to_log_file(f"WARNING: {path} was written by {checkpoint.get('trainer_name')}, "
@@ -83,17 +87,14 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         self.print_to_log_file(f"New in Stage 2 (trained from scratch): {summarize_modules(fresh)}")
 
     def load_text_embeddings(self) -> None:
-        from nnunetv2_dsm.text import load_class_embeddings
         embeddings, info = load_class_embeddings(self.preprocessed_dataset_folder_base)
         unwrap(self.network).alignment.set_text_embeddings(embeddings)
         self.print_to_log_file(f"CLIP class-prompt embeddings: {info}")
         if self.local_rank != 0:  # one writer under DDP
             return
         # nnUNetv2_dsm_predict embeds free-text prompts with the same text model
-        from batchgenerators.utilities.file_and_folder_operations import save_json
-        from nnunetv2_dsm.inference.predictor import TEXT_INFO_FILE
-        save_json({k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))},
-                  os.path.join(self.output_folder_base, TEXT_INFO_FILE))
+        atomic_save_json(os.path.join(self.output_folder_base, TEXT_INFO_FILE),
+                         {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))})
         record_text_in_dataset_json(self.output_folder_base)
 
     def on_train_end(self):
@@ -106,8 +107,3 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         if self.current_epoch == 0:  # a fresh run; `--c` resumes from this stage's own checkpoint instead
             self.load_stage1()
             self.load_text_embeddings()
-
-
-class nnUNetTrainerDSMStage2_tiny(ShortRunMixin, nnUNetTrainerDSMStage2):
-    """Stage 2 for tests: starts from nnUNetTrainerDSMStage1_tiny."""
-    stage1_trainer_name = "nnUNetTrainerDSMStage1_tiny"

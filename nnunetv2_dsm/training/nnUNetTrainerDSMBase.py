@@ -1,13 +1,17 @@
-"""DSM trainers for the stock ``nnUNetv2_train``: thin nnUNetTrainer subclasses overriding nnU-Net's hooks.
+"""The DSM trainers' shared base: a thin ``nnUNetTrainer`` subclass that overrides nnU-Net's hooks only.
 
     nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerDSMStage1
     nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerDSMStage2      # starts from the Stage 1 checkpoint
 
-What they change, hook by hook: ``build_network_architecture`` builds the DSM network around the planned U-Net;
-``_get_deep_supervision_scales`` lists one target resolution per kMMM layer; ``_build_loss`` is the partial-label
-Dice+BCE; ``train_step``/``validation_step`` look each case's annotated classes up in the dataset.json manifest
-via ``batch['keys']``; ``do_split`` keeps nnU-Net's 5-fold split but only the cases of the stage's source datasets;
-``configure_optimizers`` uses AdamW (paper §5.3) with nnU-Net's poly schedule.
+Hook by hook: ``build_network_architecture`` builds the DSM network around the planned U-Net (for nnU-Net's
+predictor, wrapped in ``network.output.PredictionNetwork``); ``_get_deep_supervision_scales`` lists one target
+resolution per kMMM layer; ``_build_loss`` is the partial-label Dice+BCE (global normalisation under DDP);
+``train_step`` gives the loss the batch's annotated classes (manifest lookup by ``batch['keys']``) and runs
+nnU-Net's own step; ``validation_step`` counts pseudo-Dice on annotated classes only; ``do_split`` keeps nnU-Net's
+split but only the stage's training cases; ``configure_optimizers`` is AdamW (paper §5.3) with nnU-Net's poly
+schedule; ``configure_rotation_dummyDA_mirroring_and_inital_patch_size`` drops left–right mirroring;
+``perform_actual_validation`` runs nnU-Net's validation on the prediction view of the network, then rewrites
+``validation/summary.json`` on annotated classes.
 """
 from __future__ import annotations
 
@@ -21,15 +25,16 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from nnunetv2_dsm.labels import CLASS_NAMES, NUM_CLASSES, NUM_ORGANS
+from nnunetv2_dsm.evaluation.evaluate import evaluate_folder, format_table
+from nnunetv2_dsm.evaluation.nnunet_summary import write_validation_summary
+from nnunetv2_dsm.labels import CLASS_NAMES, NUM_CLASSES, NUM_ORGANS, ORGAN_NAMES
 from nnunetv2_dsm.manifest import load_manifest
 from nnunetv2_dsm.network.backbone import PlansError, build_unet_features, kmmm_stage_indices, stage_scales
 from nnunetv2_dsm.network.dsm import DSMArchitecture, DSMNetwork
+from nnunetv2_dsm.network.output import PredictionNetwork
 from nnunetv2_dsm.network.ssm_backend import backend_description
 from nnunetv2_dsm.training.distributed import global_pair_normalizer
 from nnunetv2_dsm.training.loss import DSMLoss, masked_tp_fp_fn
-
-TINY_ARCHITECTURE = DSMArchitecture(dim=64, mask_dim=32, pixel_dim=16, num_heads=4, ffn_dim=128)
 
 
 def left_right_axis(transpose_forward, patch_dims: int) -> Optional[int]:
@@ -65,7 +70,9 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True):
-        """Inference calls this too (nnUNetv2_predict finds the trainer by name): it may only use its arguments."""
+        """The DSM network (returns ``DSMOutput``); nnU-Net's predictor builds it with ``enable_deep_supervision``
+        False and gets the logits view ``PredictionNetwork`` (same state dict). Inference calls this too
+        (nnUNetv2_predict finds the trainer by name): it may only use its arguments."""
         if num_output_channels != NUM_CLASSES:
             raise PlansError(
                 f"the dataset declares {num_output_channels} segmentation outputs but DSM predicts the {NUM_CLASSES} "
@@ -74,8 +81,8 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
                 f"nnunetv2_dsm.labels.regions_class_order()).")
         arch = DSMArchitecture.from_plans(configuration_manager.configuration, cls.dsm_architecture)
         backbone = build_unet_features(configuration_manager, num_input_channels)
-        return DSMNetwork(backbone, cls.dsm_stage, arch, ndim=len(configuration_manager.patch_size),
-                          deep_supervision=enable_deep_supervision)
+        network = DSMNetwork(backbone, cls.dsm_stage, arch, ndim=len(configuration_manager.patch_size))
+        return network if enable_deep_supervision else PredictionNetwork(network)
 
     def _get_deep_supervision_scales(self):
         """Full resolution for the final masks, then each kMMM layer's own resolution, fine → coarse."""
@@ -85,7 +92,9 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
         return [[1.0] * len(scales[0])] + [scales[i] for i in kmmm_stage_indices(len(scales))[::-1]]
 
     def set_deep_supervision_enabled(self, enabled: bool):
-        unwrap(self.network).deep_supervision = enabled
+        """Nothing to switch: the network always returns its per-layer predictions (``DSMOutput.layers``); the loss
+        uses them when the targets carry one resolution per layer, and prediction goes through
+        ``PredictionNetwork`` (see ``perform_actual_validation``)."""
 
     def _do_i_compile(self):
         # torch.compile only on explicit request (nnU-Net compiles by default) and on CUDA. The selective scan is
@@ -159,101 +168,48 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
             mask[:, NUM_ORGANS:] = False
         return torch.from_numpy(mask).to(self.device)
 
-    def _to_device(self, batch: dict):
+    # ---- steps ---------------------------------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's step; the loss reads which classes each case of the batch annotates (partial labels)."""
+        self.loss.annotated = self.annotated_classes(batch["keys"])
+        return super().train_step(batch)
+
+    def validation_step(self, batch: dict) -> dict:
+        """Loss and hard tp/fp/fn of the final masks, counted only on the classes each case annotates (nnU-Net's
+        pseudo-Dice would count every unannotated class a case shows as a false positive)."""
+        annotated = self.loss.annotated = self.annotated_classes(batch["keys"])
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
-        return data, target, self.annotated_classes(batch["keys"])
-
-    def _autocast(self):
-        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
-
-    # ---- steps ---------------------------------------------------------------------------------------------------
-    def train_step(self, batch: dict) -> dict:
-        data, target, annotated = self._to_device(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            output, extras = self.network(data, return_extras=True)
-            loss = self.loss(output, target, annotated, extras)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        return {"loss": loss.detach().cpu().numpy()}
-
-    def validation_step(self, batch: dict) -> dict:
-        data, target, annotated = self._to_device(batch)
-        with torch.no_grad(), self._autocast():
-            output, extras = self.network(data, return_extras=True)
-            loss = self.loss(output, target, annotated, extras)
-        if self.enable_deep_supervision:
-            output, target = output[0], target[0]
-        tp, fp, fn = masked_tp_fp_fn(output, target, annotated)
+        with torch.no_grad(), (autocast(self.device.type) if self.device.type == "cuda" else dummy_context()):
+            output = self.network(data)
+            loss = self.loss(output, target)
+        tp, fp, fn = masked_tp_fp_fn(output.logits, target[0] if isinstance(target, list) else target, annotated)
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
-
 
     # ---- final validation ----------------------------------------------------------------------------------------
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """nnU-Net's validation (sliding-window prediction of the fold's validation cases, validation/summary.json),
-        then the same predictions scored on each case's annotated classes only (validation/dsm/): nnU-Net's own
-        summary counts a predicted class that a partially labelled case does not annotate as a false positive.
-        Under DDP the prediction runs on the module inside the DDP wrapper: prediction needs no gradient sync, and
-        DDP's first forward broadcasts the DSM buffers, a collective that a rank without validation case (fewer
-        cases than GPUs) never joins."""
-        ddp = self.network if self.is_ddp else None
-        if ddp is not None:
-            self.network = ddp.module
+        """nnU-Net's validation (sliding-window prediction of the fold's validation cases) on the prediction view of
+        the network (``PredictionNetwork`` around the module inside any DDP wrapper: prediction needs no gradient
+        sync, and DDP's first forward broadcasts the DSM buffers, a collective that a rank without validation case
+        never joins). Then the predictions are scored on each case's annotated classes only: validation/dsm/ and
+        nnU-Net's validation/summary.json (which otherwise counts a predicted class that a partially labelled case
+        does not annotate as a false positive)."""
+        training_network = self.network
+        self.network = PredictionNetwork(unwrap(training_network))
         try:
             super().perform_actual_validation(save_probabilities)
         finally:
-            if ddp is not None:
-                self.network = ddp
+            self.network = training_network
         if self.local_rank != 0 or self.preprocessed_dataset_folder_base is None:
             return
-        from nnunetv2_dsm.evaluation.evaluate import evaluate_folder, format_table
-        from nnunetv2_dsm.evaluation.nnunet_summary import write_validation_summary
-        from nnunetv2_dsm.labels import ORGAN_NAMES
         validation = os.path.join(self.output_folder, "validation")
         summary = evaluate_folder(
             os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"), validation,
             dataset_json=os.path.join(self.preprocessed_dataset_folder_base, "dataset.json"),
             classes=ORGAN_NAMES if self.dsm_stage == 1 else None, skip_missing=True, num_processes=1,
             output_dir=os.path.join(validation, "dsm"))
-        # nnU-Net's validation/summary.json, recomputed on each case's annotated classes
         write_validation_summary(validation, None, summary=summary)
         self.print_to_log_file("Validation on each case's annotated classes (partial labels; validation/summary.json, "
                                "DSM figures in validation/dsm/):\n" + format_table(summary))
-
-
-class nnUNetTrainerDSMStage1(nnUNetTrainerDSMBase):
-    """DSM Stage 1: organ queries and the kMMM decoder, trained on the organ datasets."""
-    dsm_stage = 1
-
-
-class ShortRunMixin:
-    """Settings of the short variants (tests, demos): a narrow decoder, a few short epochs, a higher learning rate
-    and no mirroring (neither as augmentation nor as test-time augmentation: 8× faster validation/prediction)."""
-    dsm_architecture = TINY_ARCHITECTURE
-    short_epochs, short_iterations, short_val_iterations, short_lr = 2, 3, 1, 1e-3
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch = self.short_epochs, self.short_iterations
-        self.num_val_iterations_per_epoch, self.initial_lr = self.short_val_iterations, self.short_lr
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        self.inference_allowed_mirroring_axes = None
-        return rotation, dummy_2d, initial_patch_size, None
-
-
-class nnUNetTrainerDSMStage1_tiny(ShortRunMixin, nnUNetTrainerDSMStage1):
-    """Stage 1 for tests: narrow decoders, 2 epochs of 3 iterations."""

@@ -1,0 +1,88 @@
+"""The DSM network's output contract, and nnU-Net's view of it at prediction time.
+
+:class:`DSMOutput` is the one structure ``DSMNetwork.forward`` returns, in training and at inference (Mask2Former's
+``pred_masks`` / ``aux_outputs``): the class logits, the per-layer predictions, the Eq. 20 log-probabilities and the
+final queries and pixel embedding that inference heads (free-text prompts, anomaly maps) read.
+
+nnU-Net's predictor (``nnUNetv2_predict``, the trainers' final validation, ``nnUNetv2_dsm_predict``) expects a
+module whose forward returns one logits tensor with ``label_manager.num_segmentation_heads`` channels.
+:class:`PredictionNetwork` is that thin adapter: the 45 class logits (classes the model was not trained on answer
+"absent"), followed by the channels of any inference heads. It holds no weights of its own and loads and saves
+exactly the DSM network's state dict, so nnU-Net's checkpoints load into it unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Protocol, Sequence
+
+import torch
+from torch import nn
+
+ABSENT_LOGIT = -20.0  # sigmoid(-20) ≈ 2e-9: the answer of a class without a (trained) query
+
+
+@dataclass
+class DSMOutput:
+    """What ``DSMNetwork.forward`` returns.
+
+    logits                 (B, 45, *S)  class mask logits at the input resolution (sigmoid, multi-label)
+    layers                 [(B, 25 [+ 20], *S_l)]  each kMMM layer's organ [and tumour] responses, fine → coarse
+                           (the deep-supervision predictions; layers[0] is the finest, Eq. 14 reads its organs)
+    queries                (B, N, D)    the final organ [and tumour] queries
+    pixel_embedding        (B, Dp, *S)  the unit-norm final pixel embedding (mask_j = <embedding, kernel_j> + b_j)
+    query_class_log_probs  (B, N, 45)   Eq. 20's log p_j(k) (Stage 2), else None
+    """
+    logits: torch.Tensor
+    layers: List[torch.Tensor]
+    queries: torch.Tensor
+    pixel_embedding: torch.Tensor
+    query_class_log_probs: Optional[torch.Tensor] = None
+
+    def predictions(self) -> List[torch.Tensor]:
+        """[final logits, layer outputs fine → coarse]: one per deep-supervision target."""
+        return [self.logits, *self.layers]
+
+
+class InferenceHead(Protocol):
+    """Extra prediction channels computed from a forward pass: ``head(network, output) -> (B, C, *S)``."""
+    num_channels: int
+
+    def __call__(self, network: nn.Module, output: DSMOutput) -> torch.Tensor: ...
+
+
+def mask_untrained_classes(logits: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    """logits (B, 45, *S), trained (45,) bool → logits with every untrained class at ABSENT_LOGIT."""
+    if bool(trained.all()):
+        return logits
+    keep = trained.to(logits.device).reshape(1, -1, *[1] * (logits.ndim - 2))
+    return torch.where(keep, logits, logits.new_tensor(ABSENT_LOGIT))
+
+
+class PredictionNetwork(nn.Module):
+    """nnU-Net's predictor's view of a DSM network: ``forward(x) -> (B, 45 + Σ head channels, *S)``.
+
+    The classes no training case annotated (the network's ``trained_classes`` record) answer ABSENT_LOGIT: their
+    queries never had a loss, and their masks would overwrite trained organs in nnU-Net's label map. ``heads`` add
+    channels after the classes (``nnunetv2_dsm.inference.open_vocabulary``). ``state_dict``/``load_state_dict``
+    are the DSM network's own, so nnU-Net's checkpoints and fold switching work unchanged."""
+
+    def __init__(self, network: nn.Module, heads: Sequence[InferenceHead] = ()):
+        super().__init__()
+        self.network = network
+        self.heads = list(heads)
+
+    @property
+    def num_extra_channels(self) -> int:
+        return sum(h.num_channels for h in self.heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.network(x)
+        logits = mask_untrained_classes(out.logits, self.network.trained_classes)
+        extra = [head(self.network, out).to(logits.dtype) for head in self.heads]
+        return torch.cat([logits, *extra], 1) if extra else logits
+
+    def state_dict(self, *args, **kwargs):
+        return self.network.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.network.load_state_dict(state_dict, strict=strict, assign=assign)
