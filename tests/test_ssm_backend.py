@@ -189,7 +189,7 @@ def test_compiled_stage2_network_does_not_recompile_after_the_first_step():
     compiled, graphs = _compile_counting(net)
     per_step = []
     for step in range(3):
-        out = compiled(torch.randn(1, 1, 16, 16, 16))
-        sum(o.float().mean() for o in out).backward()
+        output = compiled(torch.randn(1, 1, 16, 16, 16))
+        sum(o.float().mean() for o in output.predictions()).backward()
         per_step.append(len(graphs))
     assert per_step[0] > 0 and per_step[1:] == [per_step[0]] * 2
