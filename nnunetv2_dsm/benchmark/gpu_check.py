@@ -69,6 +69,16 @@ def backend(name: str):
             os.environ[BACKEND_ENV] = old
 
 
+def row_or_error(fn: Callable[[], Dict], **ident) -> Dict:
+    """fn() for one row of a table, or the row's error (with the traceback in the log): the other rows go on."""
+    try:
+        return {**ident, **fn()}
+    except Exception as e:  # noqa: BLE001 - the report says what failed
+        traceback.print_exc()
+        return {**ident, "error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}",
+                "pass": False}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -133,26 +143,29 @@ def check_kernels(device: torch.device, lengths: Sequence[int], dry_run: bool, d
     kernel, how = load_kernels(dry_run)
     out = {"import": how, "scan_fp32": [], "mamba_block_autocast_fp16": [], "tolerance": {"fp32": 1e-3,
                                                                                           "fp16": 2e-2}}
-    for L in lengths:
+    def scan_row(L: int) -> Dict:
         ins, A = _scan_inputs(batch, d_inner, d_state, L, device)
-        row = {"shape_b_d_n_L": [batch, d_inner, d_state, L]}
+        runs = {}
         for name, scan in (("kernel", kernel), ("torch", selective_scan)):
             _fwd_bwd(scan, ins, A, False, device)  # warm-up
-            row[name] = _fwd_bwd(scan, ins, A, True, device)
-        (yk, gk, tk), (yt, gt, tt) = row.pop("kernel"), row.pop("torch")
-        row.update(output_rel_err=rel(yk, yt), grad_rel_err=max(rel(a, b) for a, b in zip(gk, gt)),
+            runs[name] = _fwd_bwd(scan, ins, A, True, device)
+        (yk, gk, tk), (yt, gt, tt) = runs["kernel"], runs["torch"]
+        row = dict(output_rel_err=rel(yk, yt), grad_rel_err=max(rel(a, b) for a, b in zip(gk, gt)),
                    kernel_ms=round(tk * 1e3, 2), torch_ms=round(tt * 1e3, 2))
         row["pass"] = row["output_rel_err"] < 1e-3 and row["grad_rel_err"] < 1e-3
-        out["scan_fp32"].append(row)
-        log(f"(a) scan fp32 L={L}: {row}")
+        return row
+
+    for L in lengths:
+        out["scan_fp32"].append(row_or_error(lambda: scan_row(L), shape_b_d_n_L=[batch, d_inner, d_state, L]))
+        log(f"(a) scan fp32 L={L}: {out['scan_fp32'][-1]}")
     # the Mamba block as the network runs it, under autocast fp16, kernels through ssm_backend vs the torch scan
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    for L in lengths[:2]:
+    def block_row(L: int) -> Dict:
         torch.manual_seed(0)
         block = Mamba(d_inner // 2).to(device)
         x = torch.randn(batch, L, d_inner // 2, device=device)
         results = {}
-        for name in ("mamba", "torch"):
+        for name in ("mamba", "torch"):  # "mamba" forces the kernels: an error here names why they fail
             with backend(name if not (dry_run and name == "mamba") else "auto"):
                 block.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=dtype):
@@ -161,12 +174,14 @@ def check_kernels(device: torch.device, lengths: Sequence[int], dry_run: bool, d
                 results[name] = (y.detach().float(), [p.grad.detach().clone() for p in block.parameters()],
                                  ssm_backend.backend_description(device))
         (yk, gk, dk), (yt, gt, _) = results["mamba"], results["torch"]
-        row = {"L": L, "autocast": str(dtype), "backend": dk, "output_rel_err": rel(yk, yt),
-               "grad_rel_err": max(rel(a, b) for a, b in zip(gk, gt)),
+        row = {"backend": dk, "output_rel_err": rel(yk, yt), "grad_rel_err": max(rel(a, b) for a, b in zip(gk, gt)),
                "finite": bool(torch.isfinite(yk).all()) and all(bool(torch.isfinite(g).all()) for g in gk)}
         row["pass"] = row["finite"] and row["output_rel_err"] < 2e-2 and row["grad_rel_err"] < 2e-2
-        out["mamba_block_autocast_fp16"].append(row)
-        log(f"(a) Mamba block autocast L={L}: {row}")
+        return row
+
+    for L in lengths[:2]:
+        out["mamba_block_autocast_fp16"].append(row_or_error(lambda: block_row(L), L=L, autocast=str(dtype)))
+        log(f"(a) Mamba block autocast L={L}: {out['mamba_block_autocast_fp16'][-1]}")
     return out
 
 
@@ -179,28 +194,30 @@ def check_train_step(device: torch.device, patch: Sequence[int], batch_size: int
         args = SimpleNamespace(plans=None, configuration="3d_fullres", tiny=tiny, patch=list(patch),
                                batch_size=batch_size, device=device.type, threads=None, seed=0)
         setup = prepare_plans(args, workdir)
-        for name in ("mamba", "torch"):
-            with backend(name if device.type == "cuda" else "torch"):
-                tr = make_trainer("dsm_stage2", setup)
-                batch = make_batch(tr, setup, 0)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                scale = tr.grad_scaler.get_scale() if tr.grad_scaler is not None else None
-                loss = float(tr.train_step(batch)["loss"])
-                params = [(n, p) for n, p in tr.network.named_parameters() if p.requires_grad]
-                row = {"backend": ssm_backend.backend_description(device), "loss": loss,
-                       "loss_finite": bool(torch.isfinite(torch.tensor(loss))),
-                       "grads_finite": all(bool(torch.isfinite(p.grad).all()) for _, p in params if p.grad is not None),
-                       "params_without_grad": [n for n, p in params if p.grad is None],
-                       "grad_scaler": None if scale is None else {"before": scale, "after": tr.grad_scaler.get_scale()},
-                       "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-                       if device.type == "cuda" else None}
-                row["pass"] = row["loss_finite"] and row["grads_finite"] and not row["params_without_grad"]
-                out[name] = row
-                log(f"(b) Stage 2 train_step ({name}): {row}")
-                del tr, batch
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        def step_row() -> Dict:
+            tr = make_trainer("dsm_stage2", setup)
+            batch = make_batch(tr, setup, 0)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            scale = tr.grad_scaler.get_scale() if tr.grad_scaler is not None else None
+            loss = float(tr.train_step(batch)["loss"])
+            params = [(n, p) for n, p in tr.network.named_parameters() if p.requires_grad]
+            row = {"backend": ssm_backend.backend_description(device), "loss": loss,
+                   "loss_finite": bool(torch.isfinite(torch.tensor(loss))),
+                   "grads_finite": all(bool(torch.isfinite(p.grad).all()) for _, p in params if p.grad is not None),
+                   "params_without_grad": [n for n, p in params if p.grad is None],
+                   "grad_scaler": None if scale is None else {"before": scale, "after": tr.grad_scaler.get_scale()},
+                   "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+                   if device.type == "cuda" else None}
+            row["pass"] = row["loss_finite"] and row["grads_finite"] and not row["params_without_grad"]
+            return row
+
+        for name in ("mamba", "torch"):  # "mamba": auto (the kernels if they work; the row says what ran)
+            with backend("auto" if name == "mamba" else "torch"):
+                out[name] = row_or_error(step_row)
+            log(f"(b) Stage 2 train_step ({name}): {out[name]}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return out
 
 

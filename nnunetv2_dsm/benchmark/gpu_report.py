@@ -58,9 +58,15 @@ def render_markdown(res: Dict) -> str:
                   "| check | length | output rel. err | max grad rel. err | kernel ms | torch ms | |",
                   "|---|---|---|---|---|---|---|"]
         for r in k["scan_fp32"]:
+            if "error" in r:
+                lines.append(f"| scan fp32 | {r['shape_b_d_n_L'][3]} | {r['error']} | | | | FAIL |")
+                continue
             lines.append(f"| scan fp32 | {r['shape_b_d_n_L'][3]} | {_fmt(r['output_rel_err'])} | "
                          f"{_fmt(r['grad_rel_err'])} | {r['kernel_ms']} | {r['torch_ms']} | {_ok(r['pass'])} |")
         for r in k.get("mamba_block_autocast_fp16", []):
+            if "error" in r:
+                lines.append(f"| Mamba block {r['autocast']} | {r['L']} | {r['error']} | | | | FAIL |")
+                continue
             lines.append(f"| Mamba block {r['autocast']} | {r['L']} | {_fmt(r['output_rel_err'])} | "
                          f"{_fmt(r['grad_rel_err'])} | | | {_ok(r['pass'])} |")
     t = res.get("train_step", {})
@@ -70,6 +76,9 @@ def render_markdown(res: Dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for name in ("mamba", "torch"):
             r = t[name]
+            if "error" in r:
+                lines.append(f"| {name} | {r['error']} | | | | | FAIL |")
+                continue
             lines.append(f"| {r['backend']} | {_fmt(r['loss'], 5)} | {r['loss_finite']} / {r['grads_finite']} | "
                          f"{len(r['params_without_grad'])} | {r['grad_scaler']} | {r['peak_allocated_gib']} | "
                          f"{_ok(r['pass'])} |")
