@@ -95,6 +95,11 @@ def test_forcing_broken_kernels_is_an_error_naming_the_reason(tmp_path, monkeypa
     monkeypatch.setenv(ssm_backend.BACKEND_ENV, "mamba")
     with pytest.raises(RuntimeError, match="nnUNet_dsm_ssm_backend=mamba.*libcudart.so.13 missing"):
         ssm_backend.scan_backend(CUDA)
+    monkeypatch.setenv(ssm_backend.BACKEND_ENV, "auto")  # falls back (the failure is cached) ...
+    assert ssm_backend.scan_backend(CUDA) == "torch"
+    monkeypatch.setenv(ssm_backend.BACKEND_ENV, "mamba")  # ... and forcing it afterwards still fails loudly
+    with pytest.raises(RuntimeError, match="libcudart.so.13 missing"):
+        ssm_backend.scan_backend(CUDA)
 
 
 def _select_kernels(monkeypatch, fn):

@@ -72,6 +72,8 @@ def scan_backend(x) -> str:
     if device.type != "cuda" or requested_backend() == "torch":
         return "torch"
     if _mamba_selective_scan_fn() is None or _kernel_failure is not None:
+        if requested_backend() == "mamba":  # forced after an earlier (cached) failure: the same error again
+            raise RuntimeError(f"{BACKEND_ENV}=mamba but the mamba-ssm kernels cannot be used: {_kernel_failure}")
         return "torch"
     return "mamba_ssm"
 
