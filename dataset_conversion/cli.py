@@ -1,6 +1,6 @@
 """Console scripts ``nnUNetv2_dsm_convert`` and ``nnUNetv2_dsm_merge``.
 
-Error contract (:mod:`nnunetv2_dsm.cli.errors`): bad input or a bad path exits 2 with one line naming the file and
+Error contract (:mod:`nnunetv2_dsm.errors`): bad input or a bad path exits 2 with one line naming the file and
 the fix (``--debug`` or ``NNUNETV2_DSM_DEBUG=1`` shows the traceback); convert exits 1 when some cases failed (the
 documented partial failure: the others are written); Ctrl-C exits 130.
 """
@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from nnunetv2_dsm.cli.errors import cli_entry
+from nnunetv2_dsm.errors import cli_entry
 
 from .merge import LINK_MODES, merge
 from .sources import SOURCES, get_source

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from nnunetv2_dsm.cli.errors import writable_dir
+from nnunetv2_dsm.errors import writable_dir
 from nnunetv2_dsm.io_utils import atomic_save_json, atomic_target
 from nnunetv2_dsm.labels import dataset_json_labels, regions_class_order
 from nnunetv2_dsm.manifest import MANIFEST_KEY, ManifestError, SUBSETS, load_manifest, make_entry, make_manifest

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Set
 
-from nnunetv2_dsm.cli.errors import OutputLockedError
+from nnunetv2_dsm.errors import OutputLockedError
 from nnunetv2_dsm.io_utils import atomic_save_json
 
 from .spec import InputError

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from nnunetv2_dsm.cli.errors import UserError
+from nnunetv2_dsm.errors import UserError
 from nnunetv2_dsm.labels import LATERAL_PAIRS, NUM_ORGANS, TUMOUR_HOSTS, class_index, class_name
 
 ClassSpec = Union[None, str, Tuple[str, ...]]

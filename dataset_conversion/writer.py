@@ -42,9 +42,8 @@ from typing import Dict, List, Optional
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnunetv2_dsm.cli.errors import writable_dir
+from nnunetv2_dsm.errors import writable_dir
 from nnunetv2_dsm.io_utils import atomic_save_json, atomic_target
-from nnunetv2_dsm.io_utils import atomic_write_text  # noqa: F401  re-exported for inference/export.py
 from nnunetv2_dsm.labels import dataset_json_labels, regions_class_order
 from nnunetv2_dsm.manifest import MANIFEST_KEY, case_id_problem, make_entry, make_manifest
 
@@ -325,4 +324,4 @@ def convert_by_name(source_name: str, *args, **kwargs) -> Summary:
 
 
 __all__ = ["convert", "convert_by_name", "Summary", "CaseResult", "CaseError", "InputError", "raw_root",
-           "dataset_folder", "atomic_write_text", "FILE_ENDING", "STATE_DIR"]
+           "dataset_folder", "FILE_ENDING", "STATE_DIR"]

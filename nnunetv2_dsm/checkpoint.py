@@ -20,7 +20,7 @@ import pickle
 from pathlib import Path
 from typing import List, Union
 
-from nnunetv2_dsm.cli.errors import UserError
+from nnunetv2_dsm.errors import UserError
 
 
 class CheckpointError(UserError):

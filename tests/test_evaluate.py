@@ -238,6 +238,6 @@ def test_cli_writes_json_and_csv(folders, tmp_path, capsys):
 
 def test_cli_errors_exit_2_with_message(folders, capsys):
     (folders["pred"] / "c1.nii.gz").unlink()
-    assert main(["-ref", str(folders["ref"]), "-pred", str(folders["pred"]), "-np", "1"]) == 2   # cli/errors.py
+    assert main(["-ref", str(folders["ref"]), "-pred", str(folders["pred"]), "-np", "1"]) == 2   # errors.py
     err = capsys.readouterr().err
     assert "nnUNetv2_dsm_evaluate: error:" in err and "c1" in err and "--skip_missing" in err

@@ -31,3 +31,18 @@ def test_predict_argument_faults(env, capsys, args, fragments):
     code, err, _ = run(main, argv, capsys)
     assert_error(code, err, 2, *fragments)
     assert checksums(env) == before and not (env / "out").exists()
+
+
+def test_crafted_checkpoint_in_the_model_folder_runs_no_code(tmp_path, capsys):
+    """nnU-Net's own loader unpickles checkpoints with weights_only=False; nnUNetv2_dsm_predict checks each fold's
+    file with the safe loader first: a payload is refused in one line and never runs."""
+    from test_faults_train import _Payload, nnunet_like_checkpoint
+    from nnunetv2_dsm.inference.predictor import PredictionError, check_model_folder
+    marker = tmp_path / "PWNED"
+    ck = nnunet_like_checkpoint()
+    ck["logging"]["evil"] = _Payload(marker)
+    (tmp_path / "model" / "fold_0").mkdir(parents=True)
+    torch.save(ck, tmp_path / "model" / "fold_0" / "checkpoint_final.pth")
+    with pytest.raises(PredictionError, match="could run code"):
+        check_model_folder(str(tmp_path / "model"), [0], "checkpoint_final.pth")
+    assert not marker.exists()

@@ -273,7 +273,7 @@ def test_cli_end_to_end(dataset, monkeypatch, capsys, class_embeddings):
 
 
 def test_cli_errors(dataset, monkeypatch, capsys, tmp_path):
-    assert embed_main(["-d", "998", "--random-weights"]) == 2        # exit 2: bad input (cli/errors.py)
+    assert embed_main(["-d", "998", "--random-weights"]) == 2        # exit 2: bad input (errors.py)
     assert "unknown dataset" in capsys.readouterr().err
     (tmp_path / "nnUNet_raw" / "Dataset997_Raw").mkdir()
     assert embed_main(["-d", "997", "--random-weights"]) == 2

@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from nnunetv2_dsm.cli.errors import UserError, cli_entry, writable_dir
+from nnunetv2_dsm.errors import UserError, cli_entry, writable_dir
 
 
 def build_parser() -> argparse.ArgumentParser:

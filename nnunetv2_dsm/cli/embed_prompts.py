@@ -8,7 +8,7 @@ prompts). Once written, neither training nor prediction with those prompts needs
 import argparse
 import sys
 
-from nnunetv2_dsm.cli.errors import cli_entry
+from nnunetv2_dsm.errors import cli_entry
 from nnunetv2_dsm.text import (DEFAULT_MODEL, DEFAULT_SEED, PROMPT_TEMPLATE, WEIGHTS_ENV, TextEmbeddingError,
                                build_dataset_cache, dataset_folder)
 
@@ -23,7 +23,7 @@ def _input_errors() -> tuple:
 @cli_entry(PROG, user_errors=_input_errors)
 def main(argv=None) -> int:
     """Parse the arguments, write the caches and print a short summary; bad input returns 2 with one line naming the
-    file and the fix (:mod:`nnunetv2_dsm.cli.errors`)."""
+    file and the fix (:mod:`nnunetv2_dsm.errors`)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=f"Embed the 45 DSM class prompts ('{PROMPT_TEMPLATE.format('<class>')}') with the CLIP text "

@@ -3,7 +3,7 @@
 Writes ``summary.json`` (nnU-Net's structure, annotated classes only), ``dsm_summary.json`` (DSC, AUROC,
 FPR95, per source) and ``metrics.csv`` (long format) to ``-o`` (default: the prediction folder) and prints a
 per-class table. Definitions and edge-case values: docs/evaluation.md. Bad input (a missing, truncated or NaN file,
-a geometry mismatch, an unwritable -o) exits 2 with one line naming the file (:mod:`nnunetv2_dsm.cli.errors`).
+a geometry mismatch, an unwritable -o) exits 2 with one line naming the file (:mod:`nnunetv2_dsm.errors`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from nnunetv2_dsm.cli.errors import cli_entry, writable_dir
+from nnunetv2_dsm.errors import cli_entry, writable_dir
 
 PROG = "nnUNetv2_dsm_evaluate"
 

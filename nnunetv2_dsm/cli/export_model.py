@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from nnunetv2_dsm.cli.errors import UserError, cli_entry
+from nnunetv2_dsm.errors import UserError, cli_entry
 
 PROG = "nnUNetv2_dsm_export_model_to_zip"
 

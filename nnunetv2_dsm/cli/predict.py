@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from nnunetv2_dsm.cli.errors import UserError, cli_entry
+from nnunetv2_dsm.errors import UserError, cli_entry
 
 PROG = "nnUNetv2_dsm_predict"
 
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     device = _device(args.device)
     from nnunetv2_dsm.cli.train import ensure_ext_trainer_env
     ensure_ext_trainer_env()
-    from nnunetv2_dsm.cli.errors import EXIT_PARTIAL_FAILURE, one_line
+    from nnunetv2_dsm.errors import EXIT_PARTIAL_FAILURE, one_line
     from nnunetv2_dsm.inference.predictor import PartialPredictionError, predict
     try:
         predict(args.i, args.o, _model_folder(args), folds, args.chk, device, args.step_size, not args.disable_tta,

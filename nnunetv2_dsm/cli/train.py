@@ -1,14 +1,14 @@
 """``nnUNetv2_dsm_train``: nnU-Net's own ``nnUNetv2_train`` with ``nnUNet_extTrainer`` set to the DSM trainers.
 
 Every flag is nnU-Net's, plus ``--debug`` (show the traceback of an error). An ``nnUNet_extTrainer`` the user already
-exported is kept; the DSM folder is appended. The DSM error contract (:mod:`nnunetv2_dsm.cli.errors`) applies to
+exported is kept; the DSM folder is appended. The DSM error contract (:mod:`nnunetv2_dsm.errors`) applies to
 what DSM adds: a missing, truncated or unsafe Stage 1 checkpoint and missing CLIP prompt embeddings exit 2 with one
 line naming the file and the command that creates it; Ctrl-C exits 130.
 """
 import os
 import sys
 
-from nnunetv2_dsm.cli.errors import cli_entry
+from nnunetv2_dsm.errors import cli_entry
 from nnunetv2_dsm.nnunet_ext import EXT_TRAINER_DIR
 
 

@@ -88,7 +88,7 @@ def write_nnunet_summary(summary: dict, output_file: str) -> dict:
     NaN as nnU-Net writes it) atomically; returns it. ``nnUNetv2_find_best_configuration`` and
     ``load_summary_json`` read the file as one of nnU-Net's."""
     from nnunetv2.evaluation.evaluate_predictions import save_summary_json
-    from nnunetv2_dsm.inference.export import atomic_target
+    from nnunetv2_dsm.io_utils import atomic_target
     result = nnunet_summary(summary)
     with atomic_target(output_file) as tmp:
         save_summary_json(result, tmp)

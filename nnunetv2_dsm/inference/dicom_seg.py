@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from nnunetv2_dsm.cli.errors import UserError
+from nnunetv2_dsm.errors import UserError
 from nnunetv2_dsm.labels import CLASS_NAMES, MAX_LABEL, NUM_CLASSES, NUM_ORGANS, decode
 
 PRIVATE_SCHEME = "99NNUNETV2DSM"
@@ -83,6 +83,6 @@ def write_dicom_seg(seg_zyx: np.ndarray, series_folder: str, path: str, classes:
         series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="nnunetv2-dsm", manufacturer_model_name="DSM (nnU-Net v2)", software_versions=_version(),
         device_serial_number="0", series_description="DSM segmentation", omit_empty_frames=False)
-    from nnunetv2_dsm.inference.export import atomic_target
+    from nnunetv2_dsm.io_utils import atomic_target
     with atomic_target(path) as tmp:
         seg.save_as(tmp)

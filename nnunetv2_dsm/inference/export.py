@@ -7,14 +7,14 @@ identical to nnU-Net's (``sigmoid > 0.5`` ⇔ ``logit > 0``, regions written in 
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+
+from nnunetv2_dsm.io_utils import atomic_target
 
 
 def _spacings(properties: dict, plans_manager, configuration_manager) -> Tuple[list, list]:
@@ -48,27 +48,6 @@ def to_input_grid(array: np.ndarray, properties: dict) -> np.ndarray:
     """(..., *LPS grid) → (..., *the input file's own grid): undo ``inputs.load_case``'s reorientation (if any)."""
     r = properties.get("dsm_reorientation")
     return array if r is None or r.identity else r.to_input(array)
-
-
-@contextlib.contextmanager
-def atomic_target(path: str):
-    """Yield a temporary path with ``path``'s ending (writers pick the format from it) in the same folder; it
-    replaces ``path`` when the block ends without error, and is removed otherwise."""
-    name = os.path.basename(path)
-    ending = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-    tmp = os.path.join(os.path.dirname(path), f".{name[: len(name) - len(ending)]}.{os.getpid()}.partial{ending}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """``dataset_conversion.writer.atomic_write_text`` in the file's own folder."""
-    from nnunetv2_dsm.dataset_conversion.writer import atomic_write_text as write
-    write(Path(path), text, Path(path).parent)
 
 
 def label_map(logits, properties: dict, plans_manager, configuration_manager, regions_class_order) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_dsm.cli.errors import UserError
+from nnunetv2_dsm.errors import UserError
 
 TRAINING_ORIENTATION = "LPS"
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")

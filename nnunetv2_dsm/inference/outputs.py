@@ -48,7 +48,7 @@ def class_from_text(text: str) -> int:
     for i in range(NUM_CLASSES):
         if key in (CLEAN_NAMES[i], "_".join(CLASS_NAMES[i].lower().split())):
             return i
-    from nnunetv2_dsm.cli.errors import UserError
+    from nnunetv2_dsm.errors import UserError
     raise UserError(f"--roi_subset: unknown class {text!r}; the classes are: {', '.join(CLEAN_NAMES)}")
 
 
@@ -92,7 +92,7 @@ def itksnap_label_description(table: Dict[str, Dict]) -> str:
 
 def write_label_tables(folder: str) -> None:
     """``label_table.json`` and ``label_table_itksnap.txt`` in ``folder`` (atomic writes)."""
-    from nnunetv2_dsm.inference.export import atomic_write_text
+    from nnunetv2_dsm.io_utils import atomic_write_text
     table = label_table()
     atomic_write_text(os.path.join(folder, LABEL_TABLE_JSON), json.dumps(
         {"description": "DSM composite label codes of the label maps in this folder: code -> the classes it stands "
@@ -140,7 +140,7 @@ def write_preview(path: str, ct_lps: np.ndarray, seg_lps: np.ndarray, spacing_lp
     if none), radiological convention (patient's right on the image's left). Arrays (z, y, x) on the LPS grid;
     ``spacing_lps`` (z, y, x) mm."""
     from PIL import Image
-    from nnunetv2_dsm.inference.export import atomic_target
+    from nnunetv2_dsm.io_utils import atomic_target
     lut = np.array([e["color"] for e in label_table().values()], np.float32)
     fg = np.argwhere(seg_lps > 0)
     z, y, x = (fg.mean(0) if len(fg) else np.array(seg_lps.shape) / 2).astype(int)

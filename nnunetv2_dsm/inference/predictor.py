@@ -34,13 +34,15 @@ import torch
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-from nnunetv2_dsm.cli.errors import UserError
-from nnunetv2_dsm.inference.export import (atomic_target, atomic_write_text, label_map, resampled_channels,
-                                           to_input_grid, to_original_grid, write_float_image, write_seg)
+from nnunetv2_dsm.checkpoint import CheckpointError, load_checkpoint
+from nnunetv2_dsm.errors import UserError
+from nnunetv2_dsm.inference.export import (label_map, resampled_channels, to_input_grid, to_original_grid,
+                                           write_float_image, write_seg)
 from nnunetv2_dsm.inference.inputs import InputCase, InputError, find_cases, load_case, select_part
 from nnunetv2_dsm.inference.open_vocabulary import OpenVocabularyOutputs
 from nnunetv2_dsm.inference.outputs import (CLEAN_NAMES, PREVIEW_FOLDER, STATISTICS_FOLDER, class_statistics,
                                             write_label_tables, write_preview)
+from nnunetv2_dsm.io_utils import atomic_target, atomic_write_text
 from nnunetv2_dsm.labels import LABEL_DTYPE, NUM_CLASSES
 from nnunetv2_dsm.text.model_record import TEXT_INFO_FILE, prompt_cache_files, text_record
 
@@ -99,6 +101,7 @@ class PredictionChannels(LabelManager):
 
 
 def check_model_folder(model_folder: str, folds, checkpoint_name: str) -> None:
+    """The model folder and each fold's checkpoint exist, and every checkpoint loads without running code."""
     if not os.path.isdir(model_folder):
         raise PredictionError(f"model folder {model_folder} does not exist: train it first (nnUNetv2_train ... -tr "
                               f"<trainer>) or check -d/-tr/-p/-c and $nnUNet_results")
@@ -107,6 +110,12 @@ def check_model_folder(model_folder: str, folds, checkpoint_name: str) -> None:
         if not os.path.isfile(ckpt):
             raise PredictionError(f"{ckpt} not found: fold {f} is not trained (or not finished; use -chk "
                                   f"checkpoint_best.pth/checkpoint_latest.pth), or pick other folds with -f")
+        # nnU-Net's loader unpickles with weights_only=False: a crafted file would run code. Check each file with
+        # the safe loader first (tensors, plain containers and numpy scalars only); a refused file is one line.
+        try:
+            load_checkpoint(ckpt, f"checkpoint of fold {f}")
+        except CheckpointError as e:
+            raise PredictionError(str(e)) from None
 
 
 def prompt_embeddings(prompts: Sequence[str], model_folder: str, opts: PredictOptions) -> torch.Tensor:

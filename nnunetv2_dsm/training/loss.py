@@ -108,8 +108,12 @@ class DSMLoss(nn.Module):
         loss = sum(w * partial_label_dice_bce(o, t, annotated, self.smooth, self.normalizer)
                    for w, o, t in zip(weights, predictions, layer_targets))
         if output.query_class_log_probs is not None and self.alignment_weight:
-            # a mean over every (case, query): with equal per-rank batches DDP's gradient average is the global mean
-            loss = loss + self.alignment_weight * alignment_loss(output.query_class_log_probs)
+            log_p = output.query_class_log_probs
+            align = alignment_loss(log_p)             # a mean over this rank's (case, query) pairs
+            if self.normalizer is not None:           # → their sum over the global count (ranks may differ in size)
+                count = log_p.new_tensor(float(log_p.shape[0] * log_p.shape[1]))
+                align = align * count / self.normalizer(count)
+            loss = loss + self.alignment_weight * align
         return loss
 
 
