@@ -15,13 +15,9 @@ so a 512 x 512 x 300 case needs a few hundred MB per worker (plus one score volu
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import multiprocessing
-import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -34,16 +30,23 @@ from nnunetv2_dsm.labels import (CLASS_NAMES, MAX_LABEL, NUM_CLASSES, NUM_ORGANS
                                  class_name, decode, names_to_indices)
 from nnunetv2_dsm.manifest import load_manifest
 from nnunetv2_dsm.evaluation.metrics import SortedScores, dice_from_counts
+from nnunetv2_dsm.evaluation.report import (DSM_SUMMARY, METRICS, format_table, metrics_rows,  # noqa: F401
+                                            write_outputs)
 
 SUFFIX = ".nii.gz"
 REGIONS = ("host", "volume")
 SCORE_SOURCES = ("auto", "anomaly", "probabilities")
 DSC_SOURCES = ("labels", "probabilities")
-METRICS = ("DSC", "AUROC", "FPR95")
 GEOMETRY_TOL = 1e-3
-DSM_SUMMARY = "dsm_summary.json"   # the DSM figures; summary.json is nnU-Net's structure (evaluation.nnunet_summary)
 PROBABILITY_THRESHOLD = 0.5
 FALLBACK_REGION = "volume (no host annotation)"
+CONVENTIONS = {
+    "DSC": "2|P&R|/(|P|+|R|); null (NaN) when reference and prediction are both empty, excluded from means",
+    "AUROC": "voxel-level Mann-Whitney (ties 1/2) of the scores vs the reference tumour mask in the region; "
+             "null when the region has no tumour or no non-tumour voxel",
+    "FPR95": "FPR at the first threshold (high to low) with TPR >= 0.95, ties included",
+    "region": "host = reference host organ(s) of the tumour (labels.TUMOUR_HOSTS, annotated ones) united "
+              "with the tumour; volume = all voxels; no annotated host -> " + FALLBACK_REGION}
 _V = MAX_LABEL + 1
 _LUT = decode(np.arange(_V))  # (45, V) bool: integer label v belongs to class c + 1
 _CHUNK = 1 << 24
@@ -312,15 +315,55 @@ def evaluate_folder(ref_dir, pred_dir, anomaly_dir=None, dataset_json=None, regi
     case_ids = _cases_in(ref_dir)
     if not case_ids:
         raise EvaluationError(f"no {SUFFIX} files in the reference folder {ref_dir}")
-    manifest = None
-    if dataset_json:
-        try:
-            with open(dataset_json, encoding="utf-8") as f:
-                manifest = load_manifest(json.load(f), where=str(dataset_json))
-        except (OSError, json.JSONDecodeError) as e:
-            raise EvaluationError(f"cannot read {dataset_json}: {e}") from None
+    manifest = _read_manifest(dataset_json) if dataset_json else None
     class_filter = parse_classes(classes)
+    jobs, missing, notes = _case_jobs(case_ids, ref_dir, pred_dir, anomaly_dir, manifest, class_filter, region,
+                                      scores, dsc_from, tolerance)
+    if missing and not skip_missing:
+        listing = "; ".join(f"{c}: {', '.join(f)}" for c, f in list(missing.items())[:20])
+        more = f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""
+        raise EvaluationError(f"{len(missing)} of {len(case_ids)} reference cases lack files: {listing}{more}. "
+                              f"Pass --skip_missing to evaluate only the complete cases.")
+    if not jobs:
+        raise EvaluationError("no case left to evaluate (every case lacks a prediction)")
+    if num_processes > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+            results = pool.map(evaluate_case, jobs, chunksize=1)
+    else:
+        results = [evaluate_case(j) for j in jobs]
+    per_case = {j.case: r for j, r in zip(jobs, results)}
+    summary = {
+        "format": 1,
+        "reference_folder": str(ref_dir), "prediction_folder": str(pred_dir),
+        "anomaly_map_folder": str(anomaly_dir) if anomaly_dir else None,
+        "region": region, "scores": scores, "dsc_from": dsc_from,
+        "class_selection": f"manifest of {dataset_json}" if manifest else "classes present in the reference",
+        "class_filter": [class_name(c) for c in class_filter] if class_filter else None,
+        "conventions": CONVENTIONS,
+        "skipped_cases": {c: f for c, f in missing.items()},
+        "notes": notes,
+        "mean": aggregate(per_case),
+        "per_source": {src: aggregate({c: r for c, r in per_case.items() if manifest[c].source == src})
+                       for src in sorted({manifest[c].source for c in per_case})} if manifest else {},
+        "cases": per_case,
+    }
+    if write:
+        write_outputs(summary, output_dir if output_dir is not None else pred_dir)
+    return summary
 
+
+def _read_manifest(dataset_json):
+    try:
+        with open(dataset_json, encoding="utf-8") as f:
+            return load_manifest(json.load(f), where=str(dataset_json))
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvaluationError(f"cannot read {dataset_json}: {e}") from None
+
+
+def _case_jobs(case_ids, ref_dir: Path, pred_dir: Path, anomaly_dir: Optional[Path], manifest, class_filter,
+               region: str, scores: str, dsc_from: str, tolerance: float):
+    """(jobs, {case: missing files}, notes): one :class:`CaseJob` per reference case whose files are all there; the
+    score source per case (anomaly map, probabilities or none) follows ``scores``."""
     jobs, missing, notes = [], {}, []
     for case in case_ids:
         pred = pred_dir / (case + SUFFIX)
@@ -339,101 +382,4 @@ def evaluate_folder(ref_dir, pred_dir, anomaly_dir=None, dataset_json=None, regi
         jobs.append(CaseJob(case, str(ref_dir / (case + SUFFIX)), str(pred), str(npz) if npz.is_file() else None,
                             str(amap) if amap else None, manifest[case].annotated if manifest else None,
                             class_filter, region, src, dsc_from, tolerance))
-    if missing and not skip_missing:
-        listing = "; ".join(f"{c}: {', '.join(f)}" for c, f in list(missing.items())[:20])
-        more = f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""
-        raise EvaluationError(f"{len(missing)} of {len(case_ids)} reference cases lack files: {listing}{more}. "
-                              f"Pass --skip_missing to evaluate only the complete cases.")
-    if not jobs:
-        raise EvaluationError("no case left to evaluate (every case lacks a prediction)")
-
-    if num_processes > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
-            results = pool.map(evaluate_case, jobs, chunksize=1)
-    else:
-        results = [evaluate_case(j) for j in jobs]
-    per_case = {j.case: r for j, r in zip(jobs, results)}
-    summary = {
-        "format": 1,
-        "reference_folder": str(ref_dir), "prediction_folder": str(pred_dir),
-        "anomaly_map_folder": str(anomaly_dir) if anomaly_dir else None,
-        "region": region, "scores": scores, "dsc_from": dsc_from,
-        "class_selection": f"manifest of {dataset_json}" if manifest else "classes present in the reference",
-        "class_filter": [class_name(c) for c in class_filter] if class_filter else None,
-        "conventions": {
-            "DSC": "2|P&R|/(|P|+|R|); null (NaN) when reference and prediction are both empty, excluded from means",
-            "AUROC": "voxel-level Mann-Whitney (ties 1/2) of the scores vs the reference tumour mask in the region; "
-                     "null when the region has no tumour or no non-tumour voxel",
-            "FPR95": "FPR at the first threshold (high to low) with TPR >= 0.95, ties included",
-            "region": "host = reference host organ(s) of the tumour (labels.TUMOUR_HOSTS, annotated ones) united "
-                      "with the tumour; volume = all voxels; no annotated host -> " + FALLBACK_REGION},
-        "skipped_cases": {c: f for c, f in missing.items()},
-        "notes": notes,
-        "mean": aggregate(per_case),
-        "per_source": {src: aggregate({c: r for c, r in per_case.items() if manifest[c].source == src})
-                       for src in sorted({manifest[c].source for c in per_case})} if manifest else {},
-        "cases": per_case,
-    }
-    if write:
-        write_outputs(summary, output_dir if output_dir is not None else pred_dir)
-    return summary
-
-
-# ------------------------------------------------------------------------------------------------------ outputs
-def _jsonable(x):
-    """NaN -> None (strict JSON has no NaN: undefined values are null), numpy scalars -> Python."""
-    x = x.item() if isinstance(x, np.generic) else x
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def metrics_rows(summary: dict) -> List[Tuple[str, str, str, float]]:
-    """Long format: (case, class, metric, value) for every DSC / AUROC / FPR95 computed."""
-    return [(case, name, m, rec[m]) for case, recs in summary["cases"].items() for name, rec in recs.items()
-            for m in METRICS if m in rec]
-
-
-def write_outputs(summary: dict, output_dir) -> Tuple[Path, Path]:
-    """Write, atomically into ``output_dir``: ``summary.json`` in nnU-Net's structure (``nnunet_summary``: annotated
-    classes only, read by nnU-Net's tools), ``dsm_summary.json`` (this summary: DSC, AUROC, FPR95, per source; NaN as
-    null) and ``metrics.csv`` (NaN as ``nan``). Returns (summary.json, metrics.csv)."""
-    from nnunetv2_dsm.evaluation.nnunet_summary import write_nnunet_summary
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    js, cs = out / "summary.json", out / "metrics.csv"
-    _atomic_write(out / DSM_SUMMARY, json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
-    write_nnunet_summary(summary, str(js))
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(("case", "class", "metric", "value"))
-    w.writerows((c, n, m, repr(float(v))) for c, n, m, v in metrics_rows(summary))
-    _atomic_write(cs, buf.getvalue())
-    return js, cs
-
-
-def format_table(summary: dict) -> str:
-    """The per-class summary table: class | n cases | mean DSC | AUROC | FPR95 ('-' where not computed)."""
-    def fmt(entry, m):
-        v = entry.get(m)
-        return "-" if v is None or math.isnan(v) else f"{v:.4f}"
-    rows = [(n, str(e["n_cases"]), fmt(e, "DSC"), fmt(e, "AUROC"), fmt(e, "FPR95"))
-            for n, e in summary["mean"].items()]
-    head = ("class", "n cases", "mean DSC", "AUROC", "FPR95")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
-    line = lambda r: " | ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
-    return "\n".join([line(head), "-+-".join("-" * w for w in widths)] + [line(r) for r in rows])
+    return jobs, missing, notes
