@@ -2,7 +2,7 @@
 OUT/gpu_check.md (``render_markdown``), with the issue's targets."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 TARGETS = {"step": 1.3, "memory": 1.3, "predict": 1.2, "ct_seconds": 60.0}
 
@@ -38,8 +38,10 @@ def _fmt(x, digits: int = 3) -> str:
     return "–" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
 
 
-def render_markdown(res: Dict) -> str:
-    lines = [f"# GPU check ({res['machine'].get('gpu', 'no GPU')}, torch {res['machine']['torch']}, "
+def _header_lines(res: Dict) -> List[str]:
+    """Title, dry-run note, failed sections and the build line."""
+    lines: List[str] = []
+    lines += [f"# GPU check ({res['machine'].get('gpu', 'no GPU')}, torch {res['machine']['torch']}, "
              f"{res['started']})", ""]
     if res.get("dry_run"):
         lines += ["**Dry run on the CPU at toy sizes: these figures check the script, not the GPU.**", ""]
@@ -52,6 +54,12 @@ def render_markdown(res: Dict) -> str:
                      f"`import mamba_ssm`: {bld.get('package_import')}"
                      + (f"; __init__ cut down, kernels: {bld.get('kernels_import_after_trim')}"
                         if bld.get("init_trimmed") else ""))
+    return lines
+
+
+def _kernel_lines(res: Dict) -> List[str]:
+    """(a) the kernel vs the PyTorch scan, fp32 and autocast fp16."""
+    lines: List[str] = []
     k = res.get("kernels", {})
     if "scan_fp32" in k:
         lines += ["", f"## (a) mamba-ssm kernel vs PyTorch scan (import: {k['import'].get('import')})", "",
@@ -69,6 +77,12 @@ def render_markdown(res: Dict) -> str:
                 continue
             lines.append(f"| Mamba block {r['autocast']} | {r['L']} | {_fmt(r['output_rel_err'])} | "
                          f"{_fmt(r['grad_rel_err'])} | | | {_ok(r['pass'])} |")
+    return lines
+
+
+def _train_step_lines(res: Dict) -> List[str]:
+    """(b) one Stage 2 train_step per backend."""
+    lines: List[str] = []
     t = res.get("train_step", {})
     if "mamba" in t:
         lines += ["", f"## (b) one Stage 2 train_step, patch {t['patch']}, batch {t['batch_size']}", "",
@@ -82,6 +96,11 @@ def render_markdown(res: Dict) -> str:
             lines.append(f"| {r['backend']} | {_fmt(r['loss'], 5)} | {r['loss_finite']} / {r['grads_finite']} | "
                          f"{len(r['params_without_grad'])} | {r['grad_scaler']} | {r['peak_allocated_gib']} | "
                          f"{_ok(r['pass'])} |")
+    return lines
+
+
+def _benchmark_rows(res: Dict) -> List[str]:
+    """(c), (d): step time, step memory and prediction against nnUNetTrainer, per SSM backend."""
     rows = []
     for key, label in (("bench_kernel", "kernels"), ("bench_torch", "PyTorch scan")):
         b = res.get(key, {})
@@ -99,6 +118,12 @@ def render_markdown(res: Dict) -> str:
             rows.append(f"| prediction {p['volume']} ({label}, {p['tiles']} tiles) | {_fmt(p['stage2_s'])} s | "
                         f"{_fmt(p['nnunet_s'])} s | {_fmt(p['ratio'])}× | ≤ {TARGETS['predict']}×, < "
                         f"{TARGETS['ct_seconds']:.0f} s | {_ok(p['ratio'] <= TARGETS['predict'] and p['stage2_s'] < TARGETS['ct_seconds'])} |")
+    return rows
+
+
+def _compile_lines(res: Dict) -> List[str]:
+    """(e) nnUNet_compile=1: graphs per step, step times, graph breaks."""
+    lines: List[str] = []
     c = res.get("compile", {})
     if "graphs_after_each_step" in c:
         lines += ["", f"## nnUNet_compile=1: Stage 2 (narrow decoders) under torch.compile, patch {c['patch']}", "",
@@ -107,6 +132,13 @@ def render_markdown(res: Dict) -> str:
                   f"- step seconds: {c['step_seconds']} (the first includes compiling); {c['backend']}",
                   f"- graph breaks: {len(c['graph_breaks'])} kinds" + (f", e.g. {c['graph_breaks'][0]}"
                                                                        if c["graph_breaks"] else "")]
+    return lines
+
+
+def render_markdown(res: Dict) -> str:
+    """The GPU check as Markdown (docs/performance.md's GPU section is copied from it)."""
+    lines = _header_lines(res) + _kernel_lines(res) + _train_step_lines(res) + _compile_lines(res)
+    rows = _benchmark_rows(res)
     if rows:
         lines += ["", "## (c), (d) against nnUNetTrainer on the same plans", "",
                   "| measure | DSM Stage 2 | nnU-Net | ratio | target | |", "|---|---|---|---|---|---|", *rows]
