@@ -1,4 +1,4 @@
-"""The schedule variable of the accuracy trainers (:mod:`nnunetv2_dsm.training.baseline_trainers`); light, so the
+"""The schedule variable of the accuracy trainers (:mod:`nnunetv2_dsm.accuracy.trainers`); light, so the
 benchmark's driver does not import the networks."""
 from __future__ import annotations
 
