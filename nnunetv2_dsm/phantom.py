@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from nnunetv2_dsm.io_utils import atomic_target
 from nnunetv2_dsm.labels import NUM_CLASSES, TUMOUR_HOSTS, class_index
 
 # Mean attenuation (HU) of each structure; noise is added on top.
@@ -116,13 +117,11 @@ def restrict_to_annotated(multi_hot: np.ndarray, annotated: Sequence[str]) -> np
 
 def write_nifti(array_zyx: np.ndarray, spacing_zyx: Sequence[float], path: str) -> None:
     """Write a (z, y, x) array as NIfTI with SimpleITK (identity direction, origin 0), atomically."""
-    import os
     import SimpleITK as sitk
     img = sitk.GetImageFromArray(array_zyx)
     img.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
-    tmp = path + ".partial.nii.gz"
-    sitk.WriteImage(img, tmp, useCompression=True)
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        sitk.WriteImage(img, tmp, useCompression=True)
 
 
 def write_raw_dataset(dataset_dir: str, cases: Sequence[dict], name: str = "DSMPhantom") -> None:

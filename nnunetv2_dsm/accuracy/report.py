@@ -1,13 +1,12 @@
 """accuracy.json and accuracy.md of the accuracy benchmark (structure in docs/accuracy.md)."""
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from nnunetv2_dsm.io_utils import atomic_save_json
 from nnunetv2_dsm.labels import class_index
 
 MODELS = ("nnunet", "dsm_stage1", "dsm_stage2")
@@ -44,10 +43,9 @@ def build_json(seed: int, budget: float, iterations: Dict[str, int], scores: dic
 
 
 def write_json(doc: dict, path: Path) -> Path:
+    """Write ``doc`` as JSON (NaN refused) to ``path`` atomically; returns the path."""
     path = Path(path)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    atomic_save_json(path, doc, indent=1, allow_nan=False)
     return path
 
 

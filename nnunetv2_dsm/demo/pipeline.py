@@ -24,6 +24,7 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence
 
 from nnunetv2_dsm.demo.clip import ClipChoice, choose_clip_weights
 from nnunetv2_dsm.demo.sources import HELD_OUT_CLASS, HELD_OUT_PROMPT, SOURCES, write_source
+from nnunetv2_dsm.io_utils import atomic_save_json
 
 DATASET_ID, DATASET_NAME, CONFIG, FOLD = 500, "DSMDemo", "3d_fullres", "all"
 DATASET = f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
@@ -303,10 +304,7 @@ class Demo:
 
     # ---- driver ------------------------------------------------------------------------------------------------
     def _save_state(self) -> None:
-        self.output.mkdir(parents=True, exist_ok=True)
-        tmp = self.output / (self.state_file + ".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        os.replace(tmp, self.output / self.state_file)
+        atomic_save_json(self.output / self.state_file, self.state, indent=1)
 
     def run(self) -> int:
         """Run (or resume) every step; returns 0 when all succeeded, 1 otherwise (130 when interrupted)."""
