@@ -41,23 +41,23 @@ def convert_main(argv: Optional[List[str]] = None) -> int:
                     "dataset in the DSM 45-class label space (see docs/datasets.md for each SOURCE's layout).")
     p.add_argument("source", metavar="SOURCE", help=f"one of: {', '.join(SOURCES)}")
     p.add_argument("input_dir", metavar="INPUT_DIR", help="the dataset folder as unpacked")
-    p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+    p.add_argument("-d", "--dataset_id", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
     p.add_argument("--name", default=None, help="dataset name (default: the source's, e.g. BTCV)")
     p.add_argument("-o", "--output", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
-    p.add_argument("-np", "--num-processes", type=positive_int, default=1,
+    p.add_argument("-np", "--num_processes", "--num-processes", type=positive_int, default=1,
                    help="cases converted in parallel (default 1)")
-    p.add_argument("--unknown-labels", choices=("error", "background"), default="error",
+    p.add_argument("--unknown_labels", "--unknown-labels", choices=("error", "background"), default="error",
                    help="label values (or mask names) the source map does not know: fail the case (default) or "
                         "write them as background with a warning")
-    p.add_argument("--skip-failed", action="store_true",
+    p.add_argument("--skip_failed", "--skip-failed", action="store_true",
                    help="write dataset.json even if some cases failed (they are left out)")
-    p.add_argument("--keep-orientation", action="store_true",
+    p.add_argument("--keep_orientation", "--keep-orientation", action="store_true",
                    help="do not reorient images and labels to LPS (all cases of a merged dataset should share one "
                         "orientation; keep the default unless you know why)")
-    p.add_argument("--allow-nonfinite", action="store_true",
+    p.add_argument("--allow_nonfinite", "--allow-nonfinite", action="store_true",
                    help="convert CTs holding NaN/Inf voxels anyway, writing them as the image's lowest finite value "
                         "(default: such a case fails with the count)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bar")
     add_debug(p)
     a = p.parse_args(argv)
     summary = convert(get_source(a.source), a.input_dir, a.dataset_id, name=a.name, raw_dir=a.output,
@@ -77,7 +77,7 @@ def merge_main(argv: Optional[List[str]] = None) -> int:
                     "lists every case's source, annotated classes, stage and subset (paper Table 1: 40% of BTCV, "
                     "LiTS and KiTS train / 60% test; MSD = zero-shot inference set). Files are hard-linked (or "
                     "symlinked) where possible, not copied.")
-    p.add_argument("-d", "--dataset-id", type=int, required=True, help="id of the merged dataset")
+    p.add_argument("-d", "--dataset_id", "--dataset-id", type=int, required=True, help="id of the merged dataset")
     p.add_argument("-i", "--inputs", nargs="*", default=[],
                    help="converted datasets: ids, DatasetXXX_Name names, or folders")
     p.add_argument("--sources", nargs="*", default=[],
@@ -85,7 +85,7 @@ def merge_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--name", default="DSMUniversal", help="merged dataset name (default DSMUniversal)")
     p.add_argument("-o", "--output", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
     p.add_argument("--seed", type=int, default=0, help="seed of the 40/60 split (default 0)")
-    p.add_argument("--train-fraction", type=float, default=0.4,
+    p.add_argument("--train_fraction", "--train-fraction", type=float, default=0.4,
                    help="share of BTCV/LiTS/KiTS cases used for training (default 0.4, as in the paper)")
     p.add_argument("--link", choices=LINK_MODES, default="auto",
                    help="auto: hard link, else symlink, else copy (default)")

@@ -28,13 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="dsm_demo_output",
                    help="folder for everything the demo writes (nnU-Net folders, logs, predictions, report); "
                         "default: %(default)s")
-    p.add_argument("--clip-weights", default=None, metavar="PATH",
+    p.add_argument("--clip_weights", "--clip-weights", default=None, metavar="PATH",
                    help="OpenAI CLIP ViT-B/32 open_clip weights file. Default: $nnUNet_dsm_clip_weights, else the "
                         "Hugging Face cache, else an untrained random text tower (with a warning)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: fewer cases and the _tiny trainers (2 epochs of 3 iterations); metrics are "
                         "meaningless")
-    p.add_argument("--keep-going", action="store_true",
+    p.add_argument("--keep_going", "--keep-going", action="store_true",
                    help="after a failed step, still try the later ones (the report is written either way)")
     p.add_argument("-device", "--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="device for training and prediction; auto: cuda if available, else cpu (default)")

@@ -31,15 +31,15 @@ def main(argv=None) -> int:
                     f"--clip-weights, else ${WEIGHTS_ENV}, else OpenAI's weights from the hub (needs internet once).")
     parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (e.g. 999 or Dataset999_Test)")
     weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--clip-weights", default=None, metavar="PATH",
+    weights.add_argument("--clip_weights", "--clip-weights", default=None, metavar="PATH",
                         help="local open_clip_pytorch_model.bin / open_clip_model.safetensors (offline sites); "
                              "'hub:TAG' picks another open_clip pretrained tag")
-    weights.add_argument("--random-weights", action="store_true",
+    weights.add_argument("--random_weights", "--random-weights", action="store_true",
                         help="demo/tests only: random text tower (fixed seed); its embeddings carry no meaning")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="seed of --random-weights (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name (default: %(default)s)")
-    parser.add_argument("--extra-prompts", nargs="+", default=[], metavar="TEXT",
+    parser.add_argument("--extra_prompts", "--extra-prompts", nargs="+", default=[], metavar="TEXT",
                         help="open-vocabulary prompts to pre-compute for prediction (e.g. 'hepatic cyst'); the "
                              "class template is applied unless the text already starts with it")
     parser.add_argument("--force", action="store_true", help="recompute even if the caches are up to date")
