@@ -57,18 +57,20 @@ def record_text_in_dataset_json(model_folder: str) -> bool:
     """Copy ``dsm_text.json`` and the cached prompt embeddings of that text model and weights (model folder and
     dataset caches, merged) into ``model_folder/dataset.json`` under ``dsm_text`` ({..record, "prompts": {prompt:
     {"embedding": [512 floats], "weights_size"}}}), atomically. False (nothing written) without ``dsm_text.json``."""
-    info_file, dj_file = os.path.join(model_folder, TEXT_INFO_FILE), os.path.join(model_folder, "dataset.json")
-    if not os.path.isfile(info_file) or not os.path.isfile(dj_file):
+    info_file = os.path.join(model_folder, TEXT_INFO_FILE)
+    dataset_json_file = os.path.join(model_folder, "dataset.json")
+    if not os.path.isfile(info_file) or not os.path.isfile(dataset_json_file):
         return False
     with open(info_file) as f:
         info = json.load(f)
     cache = merged_prompt_cache(prompt_cache_files(model_folder)) or {"entries": {}}
     table = cache["entries"].get(info.get("model"), {}).get(info.get("weights"), {})
-    with open(dj_file) as f:
-        dj = json.load(f)
-    dj[DATASET_JSON_KEY] = {**info, "prompts": {k: {"embedding": [float(x) for x in e["embedding"]],
-                                                    "weights_size": e.get("weights_size")} for k, e in table.items()}}
-    atomic_write_text(dj_file, json.dumps(dj, indent=1))
+    with open(dataset_json_file) as f:
+        dataset_json = json.load(f)
+    prompts = {k: {"embedding": [float(x) for x in e["embedding"]], "weights_size": e.get("weights_size")}
+               for k, e in table.items()}
+    dataset_json[DATASET_JSON_KEY] = {**info, "prompts": prompts}
+    atomic_write_text(dataset_json_file, json.dumps(dataset_json, indent=1))
     return True
 
 
@@ -79,10 +81,10 @@ def text_record(model_folder: str) -> Tuple[Dict, Optional[Dict]]:
     if os.path.isfile(info_file):
         with open(info_file) as f:
             return json.load(f), None
-    dj_file = os.path.join(model_folder, "dataset.json")
+    dataset_json_file = os.path.join(model_folder, "dataset.json")
     record = {}
-    if os.path.isfile(dj_file):
-        with open(dj_file) as f:
+    if os.path.isfile(dataset_json_file):
+        with open(dataset_json_file) as f:
             record = dict(json.load(f).get(DATASET_JSON_KEY) or {})
     prompts = record.pop("prompts", None)
     if not prompts:
