@@ -33,7 +33,7 @@ class Scene:
         return b
 
     def inner(self, host: Box, raw, expect, hu: float = 20.0) -> Box:
-        """A one-voxel box in the corner of ``host`` (a tumour inside its organ)."""
+        """A one-voxel box in the corner of ``host`` (a tumor inside its organ)."""
         b = Box(raw, host.lo, (host.lo[0] + 4, host.lo[1] + 4, host.lo[2] + 5), tuple(expect), hu)
         self.boxes.append(b)
         return b

@@ -1,7 +1,7 @@
 """Apply a declarative label map: source ids -> DSM integer encoding, with the left/right split.
 
 The output is built with lookup tables (memory O(volume), not 45 x volume): each source id maps to one
-(organ, tumour) pair whose DSM integer is computed once with :func:`nnunetv2_dsm.labels.encode`. Ids mapped to a
+(organ, tumor) pair whose DSM integer is computed once with :func:`nnunetv2_dsm.labels.encode`. Ids mapped to a
 lateral key ("Kidney", "Lung", ...) get the right- or left-side integer depending on where their voxels lie.
 
 Left/right is decided in patient space (SimpleITK's LPS: the patient's right side has the *smaller* x), never by
@@ -28,10 +28,10 @@ STRADDLE_FRACTION = 0.2   # a component with more than this share of voxels on e
 
 
 @lru_cache(maxsize=None)
-def code_of(organ: Optional[str], tumour: Optional[str]) -> int:
-    """DSM integer of a voxel that is ``organ`` (concrete side) and/or ``tumour``."""
+def code_of(organ: Optional[str], tumor: Optional[str]) -> int:
+    """DSM integer of a voxel that is ``organ`` (concrete side) and/or ``tumor``."""
     multi_hot = np.zeros((NUM_CLASSES, 1), dtype=bool)
-    for name in (organ, tumour):
+    for name in (organ, tumor):
         if name:
             multi_hot[class_index(name) - 1, 0] = True
     return int(encode(multi_hot)[0])
@@ -41,8 +41,8 @@ def side_codes(target: Target) -> Tuple[int, int]:
     """(code if on the patient's right, code if on the left); equal for non-lateral targets."""
     if target.lateral:
         right, left = LATERAL_PAIRS[target.organ]
-        return code_of(right, target.tumour), code_of(left, target.tumour)
-    c = code_of(target.organ, target.tumour)
+        return code_of(right, target.tumor), code_of(left, target.tumor)
+    c = code_of(target.organ, target.tumor)
     return c, c
 
 

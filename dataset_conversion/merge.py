@@ -3,7 +3,7 @@
 Split (paper Table 1), reproducible from ``seed``:
 
 * BTCV, LiTS, KiTS: per source, the case ids are sorted, shuffled with ``random.Random("dsm-split:<seed>:<source>")``
-  and the first ``round(0.4 * n)`` go to ``train``, the rest to ``test`` (seen-tumour test set);
+  and the first ``round(0.4 * n)`` go to ``train``, the rest to ``test`` (seen-tumor test set);
 * MSD: ``inference`` (zero-shot set);
 * every other source: ``train``.
 
@@ -293,7 +293,7 @@ def _write_merged_json(out: Path, name: str, folders: List[Path], entries: dict,
         "numTraining": sum(s == "train" for s in subsets.values()),
         "file_ending": FILE_ENDING,
         "name": name,
-        "description": "DSM universal CT dataset merged by nnUNetv2_dsm_merge (25 organs + 20 tumours, partial "
+        "description": "DSM universal CT dataset merged by nnUNetv2_dsm_merge (25 organs + 20 tumors, partial "
                        "labels per case; see dsm_manifest)",
         MANIFEST_KEY: make_manifest(manifest),
         "dsm_split": {"seed": seed, "train_fraction": train_fraction, "split_sources": list(SPLIT_SOURCES),

@@ -6,8 +6,8 @@ A source module (``sources/<name>.py``) declares
 
       {1: "Spleen",                        # one organ
        2: "Kidney",                        # a LATERAL_PAIRS key: split into Right/Left Kidney by position
-       3: ("Kidney", "Kidney Tumor"),      # organ + tumour: the organ contains its tumour
-       4: "Lung Tumor",                    # tumour alone: its host organ is not annotated in this source
+       3: ("Kidney", "Kidney Tumor"),      # organ + tumor: the organ contains its tumor
+       4: "Lung Tumor",                    # tumor alone: its host organ is not annotated in this source
        5: None}                            # dropped (written as background, not annotated)
 
   Every class named in the map is *annotated* for every case of the source (a lateral key annotates both
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from nnunetv2_dsm.errors import UserError
-from nnunetv2_dsm.labels import LATERAL_PAIRS, NUM_ORGANS, TUMOUR_HOSTS, class_index, class_name
+from nnunetv2_dsm.labels import LATERAL_PAIRS, NUM_ORGANS, TUMOR_HOSTS, class_index, class_name
 
 ClassSpec = Union[None, str, Tuple[str, ...]]
 LabelMap = Mapping[Union[int, str], ClassSpec]
@@ -46,9 +46,9 @@ class CaseError(ConversionError):
 
 @dataclass(frozen=True)
 class Target:
-    """What one source label id becomes: an organ (or a lateral pair key) and/or a tumour."""
+    """What one source label id becomes: an organ (or a lateral pair key) and/or a tumor."""
     organ: Optional[str] = None
-    tumour: Optional[str] = None
+    tumor: Optional[str] = None
 
     @property
     def lateral(self) -> bool:
@@ -57,29 +57,29 @@ class Target:
     def classes(self) -> List[str]:
         """The DSM class names this target annotates (a lateral organ annotates both sides)."""
         out = list(LATERAL_PAIRS[self.organ]) if self.lateral else ([self.organ] if self.organ else [])
-        return out + ([self.tumour] if self.tumour else [])
+        return out + ([self.tumor] if self.tumor else [])
 
 
 def parse_target(spec: ClassSpec, where: str = "label map") -> Optional[Target]:
-    """One label-map value -> :class:`Target` (None = dropped). Validates names and tumour hosts."""
+    """One label-map value -> :class:`Target` (None = dropped). Validates names and tumor hosts."""
     if spec is None:
         return None
     names = (spec,) if isinstance(spec, str) else tuple(spec)
-    organ = tumour = None
+    organ = tumor = None
     for n in names:
         if n in LATERAL_PAIRS or class_index(n) <= NUM_ORGANS:
             if organ is not None:
                 raise ValueError(f"{where}: {spec!r} names two organs; a voxel has at most one")
             organ = n if n in LATERAL_PAIRS else _canonical(n)
         else:
-            if tumour is not None:
-                raise ValueError(f"{where}: {spec!r} names two tumours; a voxel has at most one")
-            tumour = _canonical(n)
-    if organ and tumour:
+            if tumor is not None:
+                raise ValueError(f"{where}: {spec!r} names two tumors; a voxel has at most one")
+            tumor = _canonical(n)
+    if organ and tumor:
         sides = LATERAL_PAIRS[organ] if organ in LATERAL_PAIRS else (organ,)
-        if not set(sides) <= set(TUMOUR_HOSTS[tumour]):
-            raise ValueError(f"{where}: {tumour!r} cannot lie in {organ!r}; its hosts are {TUMOUR_HOSTS[tumour]}")
-    return Target(organ, tumour)
+        if not set(sides) <= set(TUMOR_HOSTS[tumor]):
+            raise ValueError(f"{where}: {tumor!r} cannot lie in {organ!r}; its hosts are {TUMOR_HOSTS[tumor]}")
+    return Target(organ, tumor)
 
 
 def _canonical(name: str) -> str:

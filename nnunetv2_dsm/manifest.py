@@ -15,7 +15,7 @@ Every DSM dataset.json carries one extra top-level key, ``"dsm_manifest"``::
 nnU-Net copies dataset.json verbatim from raw to preprocessed to results, so the trainer sees the manifest as
 ``self.dataset_json`` and each batch's ``keys`` index it. ``annotated`` decides which of the 45 channels enter the
 loss for that case (partial labels); ``stage`` is the first DSM training stage that uses the case (1: organ
-datasets, 2: tumour datasets added in Stage 2); ``subset`` is ``train``, ``test`` (held-out seen-tumour test) or
+datasets, 2: tumor datasets added in Stage 2); ``subset`` is ``train``, ``test`` (held-out seen-tumor test) or
 ``inference`` (MSD zero-shot set).
 """
 from __future__ import annotations

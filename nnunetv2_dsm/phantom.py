@@ -1,10 +1,10 @@
-"""A synthetic abdominal CT phantom: organs as smooth blobs with CT-like intensities, tumours inside some organs.
+"""A synthetic abdominal CT phantom: organs as smooth blobs with CT-like intensities, tumors inside some organs.
 
 No public CT ships with the package, so tests and the demo generate their data here. Each case is drawn from a
 seeded random generator: a body ellipse with fat and muscle, lungs at the top, liver, spleen, kidneys, stomach,
 pancreas, aorta, bladder placed in anatomically plausible positions (array axes are z, y, x = inferior→superior,
 anterior→posterior, patient right→left: LPS with the identity direction SimpleITK writes), each deformed by low-frequency noise, plus optional
-tumours inside their host organs with their own attenuation. The labels come out as the DSM 45-class multi-hot.
+tumors inside their host organs with their own attenuation. The labels come out as the DSM 45-class multi-hot.
 """
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import numpy as np
 from scipy import ndimage
 
 from nnunetv2_dsm.io_utils import atomic_target
-from nnunetv2_dsm.labels import NUM_CLASSES, TUMOUR_HOSTS, class_index
+from nnunetv2_dsm.labels import NUM_CLASSES, TUMOR_HOSTS, class_index
 
 # Mean attenuation (HU) of each structure; noise is added on top.
 ORGAN_HU: Dict[str, float] = {
     "Liver": 60.0, "Spleen": 45.0, "Right Kidney": 160.0, "Left Kidney": 160.0, "Stomach": 15.0,
     "Pancreas": 35.0, "Aorta": 220.0, "Bladder": 5.0, "Right Lung": -820.0, "Left Lung": -820.0,
 }
-TUMOUR_HU: Dict[str, float] = {"Liver Tumor": -5.0, "Kidney Tumor": 60.0, "Pancreas Tumor": -10.0,
+TUMOR_HU: Dict[str, float] = {"Liver Tumor": -5.0, "Kidney Tumor": 60.0, "Pancreas Tumor": -10.0,
                                "Spleen Tumor": 0.0, "Kidney Cyst": 5.0}
 
 # Organ centre (fractions of z, y, x extent) and semi-axes (fractions of the extent).
@@ -60,9 +60,9 @@ def _blob(grid: np.ndarray, centre, axes, rng: np.random.Generator, wobble: floa
 
 
 def make_case(shape: Sequence[int] = (48, 48, 48), spacing: Sequence[float] = (3.0, 3.0, 3.0), seed: int = 0,
-              tumours: Sequence[str] = (), organs: Sequence[str] = PHANTOM_ORGANS,
-              tumour_radius: Optional[float] = None, variation: float = 0.0) -> PhantomCase:
-    """One phantom CT with ``organs`` and a tumour of each type in ``tumours`` inside (one of) its host organ(s).
+              tumors: Sequence[str] = (), organs: Sequence[str] = PHANTOM_ORGANS,
+              tumor_radius: Optional[float] = None, variation: float = 0.0) -> PhantomCase:
+    """One phantom CT with ``organs`` and a tumor of each type in ``tumors`` inside (one of) its host organ(s).
 
     ``variation`` > 0 also varies the anatomy: each organ's semi-axes are scaled by a factor in
     [1 - variation, 1 + variation] per axis and its centre moved by up to ``variation / 5`` per axis, drawn from a
@@ -88,20 +88,20 @@ def make_case(shape: Sequence[int] = (48, 48, 48), spacing: Sequence[float] = (3
         mask &= ~multi_hot[:25].any(0)  # organs do not overlap; earlier ones win
         image[mask] = ORGAN_HU[name]
         multi_hot[class_index(name) - 1] = mask
-    for tumour in tumours:
-        hosts = [h for h in TUMOUR_HOSTS[tumour] if multi_hot[class_index(h) - 1].any()]
+    for tumor in tumors:
+        hosts = [h for h in TUMOR_HOSTS[tumor] if multi_hot[class_index(h) - 1].any()]
         if not hosts:
-            raise ValueError(f"cannot place {tumour!r}: none of its hosts {TUMOUR_HOSTS[tumour]} is in the phantom")
+            raise ValueError(f"cannot place {tumor!r}: none of its hosts {TUMOR_HOSTS[tumor]} is in the phantom")
         host = multi_hot[class_index(hosts[rng.integers(len(hosts))]) - 1]
         inner = ndimage.binary_erosion(host, iterations=2)
         candidates = np.argwhere(inner if inner.any() else host)
         centre = candidates[rng.integers(len(candidates))] / (np.array(shape) - 1)
         host_radius = (3 * host.sum() / (4 * np.pi)) ** (1 / 3) / np.mean(shape)  # equivalent sphere, fraction
-        r = tumour_radius if tumour_radius is not None else max(rng.uniform(0.4, 0.55) * host_radius,
+        r = tumor_radius if tumor_radius is not None else max(rng.uniform(0.4, 0.55) * host_radius,
                                                                  2.0 / np.mean(shape))
         mask = _blob(grid, centre, (r, r, r), rng, wobble=0.2) & host
-        image[mask] = TUMOUR_HU[tumour]
-        multi_hot[class_index(tumour) - 1] |= mask
+        image[mask] = TUMOR_HU[tumor]
+        multi_hot[class_index(tumor) - 1] |= mask
     image += 12.0 * rng.standard_normal(shape).astype(np.float32)
     image = ndimage.gaussian_filter(image, 0.6)
     return PhantomCase(np.clip(np.round(image), -1024, 3071).astype(np.int16), multi_hot,
@@ -128,7 +128,7 @@ def write_raw_dataset(dataset_dir: str, cases: Sequence[dict], name: str = "DSMP
     """Write phantom cases as an nnU-Net raw dataset in the DSM label space with its manifest.
 
     Each case dict: ``case_id``, ``source``, ``annotated`` (class names), and the :func:`make_case` kwargs
-    (``shape``, ``spacing``, ``seed``, ``tumours``); optional ``subset`` ('train' → imagesTr/labelsTr,
+    (``shape``, ``spacing``, ``seed``, ``tumors``); optional ``subset`` ('train' → imagesTr/labelsTr,
     otherwise imagesTs/labelsTs).
     """
     import json
@@ -141,7 +141,7 @@ def write_raw_dataset(dataset_dir: str, cases: Sequence[dict], name: str = "DSMP
         folder = "Tr" if subset == "train" else "Ts"
         for sub in (f"images{folder}", f"labels{folder}"):
             os.makedirs(os.path.join(dataset_dir, sub), exist_ok=True)
-        kw = {k: spec[k] for k in ("shape", "spacing", "seed", "tumours") if k in spec}
+        kw = {k: spec[k] for k in ("shape", "spacing", "seed", "tumors") if k in spec}
         case = make_case(**kw)
         labels = encode(restrict_to_annotated(case.multi_hot, spec["annotated"]))
         write_nifti(case.image, case.spacing, os.path.join(dataset_dir, f"images{folder}", f"{spec['case_id']}_0000.nii.gz"))

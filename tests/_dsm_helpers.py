@@ -39,17 +39,17 @@ def tiny_network(stage: int, n_stages: int = 4, ndim: int = 3, seed: int = 0) ->
     return DSMNetwork(build_backbone(n_stages, ndim), stage, TINY_ARCHITECTURE, ndim=ndim)
 
 
-def params_without_gradient(net: DSMNetwork, train_steps: int = 1, tumours: bool = False, seed: int = 1,
+def params_without_gradient(net: DSMNetwork, train_steps: int = 1, tumors: bool = False, seed: int = 1,
                             size: int = 32, ndim: int = 3) -> list:
     """Names of the trainable parameters whose gradient is missing or zero after ``train_steps`` forward/backward
-    passes of the DSM loss on random multi-hot targets (every class annotated; organs only unless ``tumours``),
+    passes of the DSM loss on random multi-hot targets (every class annotated; organs only unless ``tumors``),
     with an AdamW step between passes. The one check behind the "every parameter trains" tests of both stages."""
     from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS
     from nnunetv2_dsm.training.loss import DSMLoss
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 1, *[size] * ndim, generator=g)
     annotated = torch.ones(2, NUM_CLASSES, dtype=torch.bool)
-    annotated[:, NUM_ORGANS:] = tumours
+    annotated[:, NUM_ORGANS:] = tumors
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
     for step in range(train_steps):
         opt.zero_grad()

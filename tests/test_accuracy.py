@@ -16,7 +16,7 @@ from nnunetv2_dsm.accuracy.report import build_json, write_json, write_markdown
 from nnunetv2_dsm.accuracy.schedule import format_schedule, parse_schedule
 from nnunetv2_dsm.accuracy.scoring import ScoringInputs, lateral_swaps, score
 from nnunetv2_dsm.demo.sources import expected_multi_hot, write_source
-from nnunetv2_dsm.labels import NUM_CLASSES, class_index, decode, encode, region_values, tumour_label
+from nnunetv2_dsm.labels import NUM_CLASSES, class_index, decode, encode, region_values, tumor_label
 from nnunetv2_dsm.phantom import make_case, restrict_to_annotated, write_nifti
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,18 +54,18 @@ def test_baseline_regions_are_the_sources_classes_in_the_dsm_encoding():
     r = region_labels(["Kidney Cyst", "Right Kidney", "Left Kidney", "Kidney Tumor"])
     assert list(r["labels"]) == ["background", "Right Kidney", "Left Kidney", "Kidney Tumor", "Kidney Cyst"]
     assert r["labels"]["Right Kidney"] == list(region_values(class_index("Right Kidney")))
-    assert r["regions_class_order"] == [2, 3, tumour_label("Kidney Tumor"), tumour_label("Kidney Cyst")]
+    assert r["regions_class_order"] == [2, 3, tumor_label("Kidney Tumor"), tumor_label("Kidney Cyst")]
     lm = LabelManager(r["labels"], r["regions_class_order"])
     assert lm.has_regions and lm.num_segmentation_heads == 4
     lits = region_labels(["Liver", "Liver Tumor"])
-    assert lits["regions_class_order"] == [class_index("Liver"), tumour_label("Liver Tumor", "Liver")]
+    assert lits["regions_class_order"] == [class_index("Liver"), tumor_label("Liver Tumor", "Liver")]
 
 
 def test_write_baseline_dataset_takes_the_sources_training_cases(tmp_path):
     merged = tmp_path / "Dataset500_M"
     cases = {"LiTS_0000": ("lits", "train"), "LiTS_0001": ("lits", "test"), "BTCV_0001": ("btcv", "train")}
     lab = np.zeros((4, 4, 4), np.uint8)
-    lab[1:3, 1:3, 1:3], lab[2, 2, 2] = class_index("Liver"), tumour_label("Liver Tumor", "Liver")
+    lab[1:3, 1:3, 1:3], lab[2, 2, 2] = class_index("Liver"), tumor_label("Liver Tumor", "Liver")
     for c, (_, subset) in cases.items():
         folder = "Tr" if subset == "train" else "Ts"
         (merged / f"images{folder}").mkdir(parents=True, exist_ok=True)
@@ -121,18 +121,18 @@ def _write(path, arr, dtype=np.uint8):
 
 
 def _fake_run(tmp_path):
-    """Two test cases (LiTS-like with a liver tumour, KiTS-like), one zero-shot case (pancreas tumour); nnU-Net
-    and Stage 2 predict the reference exactly, Stage 1 misses the liver tumour and swaps the kidneys."""
+    """Two test cases (LiTS-like with a liver tumor, KiTS-like), one zero-shot case (pancreas tumor); nnU-Net
+    and Stage 2 predict the reference exactly, Stage 1 misses the liver tumor and swaps the kidneys."""
     specs = {"LiTS_0001": (["Liver", "Liver Tumor"], ("Liver Tumor",), 1),
              "KiTS_00001": (["Right Kidney", "Left Kidney", "Kidney Tumor", "Kidney Cyst"], ("Kidney Tumor",), 2),
              "MSD07_pancreas_001": (["Pancreas", "Pancreas Tumor"], ("Pancreas Tumor",), 3)}
     ref, annotated, preds, amaps, prompts = {}, {}, {"nnunet": {}, "dsm_stage1": {}, "dsm_stage2": {}}, {}, {}
     rng = np.random.default_rng(0)
-    for case, (classes, tumours, seed) in specs.items():
-        mh = restrict_to_annotated(make_case(SHAPE, seed=seed, tumours=tumours).multi_hot, classes)
+    for case, (classes, tumors, seed) in specs.items():
+        mh = restrict_to_annotated(make_case(SHAPE, seed=seed, tumors=tumors).multi_hot, classes)
         _write(tmp_path / "ref" / f"{case}.nii.gz", encode(mh))
         ref[case], annotated[case] = tmp_path / "ref" / f"{case}.nii.gz", classes
-        t = mh[class_index(tumours[0]) - 1]
+        t = mh[class_index(tumors[0]) - 1]
         _write(tmp_path / "amap" / f"{case}.nii.gz", t + 0.1 * rng.random(SHAPE), np.float32)
         amaps[case] = tmp_path / "amap" / f"{case}.nii.gz"
         if case.startswith("MSD"):
@@ -210,11 +210,11 @@ def test_seed_changes_the_phantom_and_the_default_is_the_demos():
     img0, mh0 = expected_multi_hot("lits", 0, SHAPE, seed=0)
     np.testing.assert_array_equal(demo_img, img0)
     np.testing.assert_array_equal(demo_mh, mh0)
-    legacy = make_case(SHAPE, seed=3000, tumours=("Liver Tumor",))      # the demo's LiTS case 0, as before
+    legacy = make_case(SHAPE, seed=3000, tumors=("Liver Tumor",))      # the demo's LiTS case 0, as before
     np.testing.assert_array_equal(legacy.image, demo_img)
     _, mh1 = expected_multi_hot("lits", 0, SHAPE, seed=1)
-    tumour = class_index("Liver Tumor") - 1
-    assert not np.array_equal(mh1[tumour], mh0[tumour])                  # tumour position / size
+    tumor = class_index("Liver Tumor") - 1
+    assert not np.array_equal(mh1[tumor], mh0[tumor])                  # tumor position / size
     _, mh1v = expected_multi_hot("lits", 0, SHAPE, seed=1, variation=0.15)
     liver = class_index("Liver") - 1
     assert mh1v[liver].sum() != mh1[liver].sum()                         # organ size

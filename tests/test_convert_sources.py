@@ -9,7 +9,7 @@ from nnunetv2_dsm.dataset_conversion.labelmap import apply_label_map, targets_by
 from nnunetv2_dsm.dataset_conversion.sources import SOURCES, get_source, guess_sources
 from nnunetv2_dsm.dataset_conversion.sources.totalsegmentator import V1_NAMES, V2_NAMES, detect_version
 from nnunetv2_dsm.dataset_conversion.spec import annotated_classes, parse_target
-from nnunetv2_dsm.labels import tumour_label
+from nnunetv2_dsm.labels import tumor_label
 
 VARIANTS = [("btcv", {}), ("chaos", {}), ("pancreas_ct", {}), ("ct_org", {}), ("word", {}), ("amos", {}),
             ("totalsegmentator", {}), ("abdomenct1k", {}), ("lits", {}), ("kits", {"version": "19"}),
@@ -42,21 +42,21 @@ def test_every_source_has_a_fixture_and_a_layout_guess(tmp_path):
         assert name in guess_sources(fx.root)
 
 
-def test_tumour_without_annotated_host_is_host_not_annotated(tmp_path):
+def test_tumor_without_annotated_host_is_host_not_annotated(tmp_path):
     fx, summary = convert_fixture(tmp_path, "msd")
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(summary.dataset_dir / "labelsTr" / "MSD06_lung_001.nii.gz")))
-    assert set(np.unique(lab)) == {0, tumour_label("Lung Tumor", None)}
+    assert set(np.unique(lab)) == {0, tumor_label("Lung Tumor", None)}
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(summary.dataset_dir / "labelsTr" / "MSD10_colon_001.nii.gz")))
-    assert set(np.unique(lab)) == {0, tumour_label("Colon Tumor", None)}
+    assert set(np.unique(lab)) == {0, tumor_label("Colon Tumor", None)}
 
 
 def test_label_maps_are_valid_and_by_name():
     for src in SOURCES.values():
-        annotated_classes(src.labels)           # validates every name and tumour host
+        annotated_classes(src.labels)           # validates every name and tumor host
     assert annotated_classes(get_source("kits").labels) == ["Right Kidney", "Left Kidney", "Kidney Tumor",
                                                             "Kidney Cyst"]
     with pytest.raises(ValueError):
-        parse_target(("Liver", "Kidney Tumor"))          # a kidney tumour cannot lie in the liver
+        parse_target(("Liver", "Kidney Tumor"))          # a kidney tumor cannot lie in the liver
     with pytest.raises(ValueError):
         parse_target(("Liver", "Spleen"))                # two organs
     with pytest.raises(KeyError):

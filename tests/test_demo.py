@@ -16,7 +16,7 @@ from nnunetv2_dsm.demo import pipeline
 from nnunetv2_dsm.demo.report import ReportCase, select_slice, write_prompt_labels, write_report
 from nnunetv2_dsm.demo.sources import HELD_OUT_CLASS, SOURCES, expected_multi_hot, to_grid, phantom_grid, write_source
 from nnunetv2_dsm.dataset_conversion.fixtures import IPL, LAS, RAS
-from nnunetv2_dsm.labels import class_index, decode, encode, tumour_label
+from nnunetv2_dsm.labels import class_index, decode, encode, tumor_label
 from nnunetv2_dsm.phantom import make_case, write_nifti
 
 SHAPE = (24, 32, 32)
@@ -77,7 +77,7 @@ def test_every_source_converts_to_the_phantom_voxel_for_voxel(converted, source,
     exp_image, exp_mh = expected_multi_hot(source, index, SHAPE)
     np.testing.assert_array_equal(image, exp_image)
     np.testing.assert_array_equal(decode(label), exp_mh)
-    assert exp_mh.any(axis=(1, 2, 3)).sum() >= 2   # organs (and tumours) really are there
+    assert exp_mh.any(axis=(1, 2, 3)).sum() >= 2   # organs (and tumors) really are there
 
 
 def test_merge_split_and_held_out_class(converted):
@@ -102,15 +102,15 @@ def test_merge_split_and_held_out_class(converted):
         assert decode(lab)[ch].any()
 
 
-def _fake_case(tmp, case, subset, seed, tumours):
-    pc = make_case(SHAPE, seed=seed, tumours=tumours)
+def _fake_case(tmp, case, subset, seed, tumors):
+    pc = make_case(SHAPE, seed=seed, tumors=tumors)
     lab = encode(pc.multi_hot)
     paths = {k: tmp / k / f"{case}.nii.gz" for k in ("img", "ref", "pred", "amap", "prompt")}
     for p in paths.values():
         p.parent.mkdir(exist_ok=True)
     write_nifti(pc.image, pc.spacing, str(paths["img"]))
     write_nifti(lab, pc.spacing, str(paths["ref"]))
-    write_nifti(np.where(lab > 25, 0, lab).astype(np.uint8), pc.spacing, str(paths["pred"]))   # misses the tumour
+    write_nifti(np.where(lab > 25, 0, lab).astype(np.uint8), pc.spacing, str(paths["pred"]))   # misses the tumor
     write_nifti((pc.image < 0).astype(np.float32), pc.spacing, str(paths["amap"]))
     write_nifti((lab > 25).astype(np.uint8), pc.spacing, str(paths["prompt"]))
     return ReportCase(case, subset, "x", paths["img"], paths["ref"], paths["pred"], paths["amap"], paths["prompt"]), lab
@@ -150,7 +150,7 @@ def test_prompt_masks_become_dsm_label_maps(tmp_path):
     assert img.GetSpacing() == (3.0, 3.0, 3.0)
     mh = decode(sitk.GetArrayFromImage(img))
     np.testing.assert_array_equal(mh[class_index(HELD_OUT_CLASS) - 1], mask.astype(bool))
-    assert mh.sum() == mask.sum() and tumour_label(HELD_OUT_CLASS) > 25
+    assert mh.sum() == mask.sum() and tumor_label(HELD_OUT_CLASS) > 25
 
 
 def test_clip_weights_choice(tmp_path, monkeypatch):

@@ -46,8 +46,8 @@ def _network(stage: int):
 
 
 def _global_batch():
-    """Two cases with different partial labels: case 0 annotates every organ and two tumours, case 1 a single
-    organ and its tumour (a LiTS-like case). Per-rank normalisation weighs case 1's two pairs ~13× too much."""
+    """Two cases with different partial labels: case 0 annotates every organ and two tumors, case 1 a single
+    organ and its tumor (a LiTS-like case). Per-rank normalisation weighs case 1's two pairs ~13× too much."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 1, PATCH, PATCH, PATCH, generator=g)
     targets = [torch.rand(2, NUM_CLASSES, s, s, s, generator=g) > 0.6 for s in SCALES]

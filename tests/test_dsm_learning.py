@@ -11,7 +11,7 @@ from nnunetv2_dsm.inference.open_vocabulary import anomaly_map
 from nnunetv2_dsm.labels import CLASS_NAMES, NUM_CLASSES, NUM_ORGANS, class_index
 from nnunetv2_dsm.network.alignment import class_mixing_weights, cosine_similarity
 from nnunetv2_dsm.network.kmeans_layer import kmeans_update
-from nnunetv2_dsm.training.loss import alignment_loss, organ_targets_without_tumours
+from nnunetv2_dsm.training.loss import alignment_loss, organ_targets_without_tumors
 from nnunetv2_dsm.training.nnUNetTrainerDSMBase import left_right_axis
 from nnunetv2_dsm.training.nnUNetTrainerDSMStage1 import nnUNetTrainerDSMStage1
 from nnunetv2_dsm.training.nnUNetTrainerDSMStage2 import transfer_weights
@@ -55,18 +55,18 @@ def test_stage2_at_step_0_reproduces_stage1_organ_logits():
         torch.testing.assert_close(o2[:, :NUM_ORGANS], o1[:, :NUM_ORGANS], rtol=1e-5, atol=1e-5)
 
 
-def test_per_layer_organ_targets_leave_out_annotated_tumours_only():
+def test_per_layer_organ_targets_leave_out_annotated_tumors_only():
     target = torch.zeros(2, NUM_CLASSES, 4, 4, 4, dtype=torch.bool)
-    liver, tumour = class_index("Liver") - 1, class_index("Liver Tumor") - 1
+    liver, tumor = class_index("Liver") - 1, class_index("Liver Tumor") - 1
     target[:, liver, :2] = True
-    target[:, tumour, 0] = True                          # the tumour lies inside the liver, as the labels say
+    target[:, tumor, 0] = True                          # the tumor lies inside the liver, as the labels say
     annotated = torch.zeros(2, NUM_CLASSES, dtype=torch.bool)
     annotated[:, liver] = True
-    annotated[0, tumour] = True                          # case 1 does not annotate the tumour channel
-    layer = organ_targets_without_tumours(target, annotated)
-    assert not layer[0, liver, 0].any() and layer[0, liver, 1].all()    # tumour voxels left out of the organ
+    annotated[0, tumor] = True                          # case 1 does not annotate the tumor channel
+    layer = organ_targets_without_tumors(target, annotated)
+    assert not layer[0, liver, 0].any() and layer[0, liver, 1].all()    # tumor voxels left out of the organ
     assert torch.equal(layer[1], target[1])                             # unannotated: unchanged
-    assert torch.equal(layer[:, NUM_ORGANS:], target[:, NUM_ORGANS:])   # tumour channels unchanged
+    assert torch.equal(layer[:, NUM_ORGANS:], target[:, NUM_ORGANS:])   # tumor channels unchanged
 
 
 def test_anomaly_map_is_minus_the_max_organ_response_resized():

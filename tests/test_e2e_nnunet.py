@@ -33,9 +33,9 @@ def _cases():
         cases.append(dict(case_id=f"OrgB_{i:03d}", source="word", annotated=ORGANS_B, seed=100 + i, shape=SHAPE))
     for i in range(3):
         cases.append(dict(case_id=f"Tum_{i:03d}", source="lits", annotated=["Liver", "Liver Tumor"], seed=200 + i,
-                          shape=SHAPE, tumours=["Liver Tumor"]))
+                          shape=SHAPE, tumors=["Liver Tumor"]))
     cases.append(dict(case_id="Test_000", source="lits", annotated=["Liver", "Liver Tumor"], seed=300, shape=SHAPE,
-                      tumours=["Liver Tumor"], subset="test"))
+                      tumors=["Liver Tumor"], subset="test"))
     return cases
 
 
@@ -58,7 +58,7 @@ def nnunet_env(tmp_path_factory):
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): 0 (single-threaded augmentation) breaks it
     run(["nnUNetv2_plan_and_preprocess", "-d", "901", "-c", "3d_fullres", "-np", "1", "-npfp", "1",
          "--verify_dataset_integrity"], {**env, "nnUNet_n_proc_DA": "1"})
-    # a fixed split whose validation fold holds organ cases of both sources and a tumour case
+    # a fixed split whose validation fold holds organ cases of both sources and a tumor case
     train = [c["case_id"] for c in _cases() if c.get("subset", "train") == "train"]
     val = ["OrgA_000", "OrgB_000", "Tum_000"]
     with open(root / "preprocessed" / DATASET / "splits_final.json", "w") as f:
@@ -108,7 +108,7 @@ def test_stage1_tiny_trains_and_predicts_through_the_stock_commands(stage1):
          "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerDSMStage1_tiny", "-device", "cpu", "-npp", "1", "-nps", "1"],
         env)
     values = _check_prediction(pred / "Test_000.nii.gz", root / "raw" / DATASET / "imagesTs" / "Test_000_0000.nii.gz")
-    assert values.max() <= len(ORGAN_NAMES)  # Stage 1 never predicts tumours
+    assert values.max() <= len(ORGAN_NAMES)  # Stage 1 never predicts tumors
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_stage2_tiny_starts_from_stage1_and_predicts(stage2):
     log = next(out_dir.glob("training_log_*.txt")).read_text()
     assert "Stage 1 → Stage 2: loaded" in log
     new_line = next(line for line in log.splitlines() if "New in Stage 2 (trained from scratch)" in line)
-    assert "tumour.queries" in new_line and "alignment.proj" in new_line and "kmmm" not in new_line
+    assert "tumor.queries" in new_line and "alignment.proj" in new_line and "kmmm" not in new_line
     assert "DSM Stage 2: 12 training / 3 validation cases" in log
     # the checkpoint records exactly the classes the Stage 2 training cases annotate (it used to say all 45)
     import torch

@@ -26,15 +26,15 @@ def box(z, y, x):
 
 S = slice
 REF = {
-    # c1: liver (150) holding a liver tumour (8), spleen (72)
+    # c1: liver (150) holding a liver tumor (8), spleen (72)
     "c1": {"Liver": box(S(0, 6), S(0, 5), S(0, 5)), "Liver Tumor": box(S(2, 4), S(1, 3), S(1, 3)),
            "Spleen": box(S(0, 6), S(5, 8), S(6, 10))},
-    # c2: both kidneys (96 each), a kidney tumour (8) in the right one
+    # c2: both kidneys (96 each), a kidney tumor (8) in the right one
     "c2": {"Right Kidney": box(S(0, 6), S(0, 4), S(0, 4)), "Left Kidney": box(S(0, 6), S(0, 4), S(6, 10)),
            "Kidney Tumor": box(S(2, 4), S(1, 3), S(1, 3))},
 }
 PRED = {
-    # liver 120 voxels all inside the reference liver; tumour 4 of the 8; spleen missed; a stomach false positive
+    # liver 120 voxels all inside the reference liver; tumor 4 of the 8; spleen missed; a stomach false positive
     "c1": {"Liver": box(S(0, 6), S(0, 5), S(0, 4)), "Liver Tumor": box(S(2, 4), S(1, 3), S(1, 2)),
            "Stomach": box(S(0, 2), S(6, 8), S(0, 2))},
     "c2": REF["c2"],
@@ -44,9 +44,9 @@ PRED = {
 def anomaly_map(case):
     a = np.zeros(SHAPE, np.float32)
     r = REF[case]
-    if case == "c1":   # liver 0.2 < tumour 0.9 < spleen 0.95: perfect inside the liver, not in the volume
+    if case == "c1":   # liver 0.2 < tumor 0.9 < spleen 0.95: perfect inside the liver, not in the volume
         a[r["Liver"]], a[r["Liver Tumor"]], a[r["Spleen"]] = 0.2, 0.9, 0.95
-    else:              # background 0.9 > tumour 0.8 > kidneys 0.1
+    else:              # background 0.9 > tumor 0.8 > kidneys 0.1
         a[:] = 0.9
         a[r["Right Kidney"] | r["Left Kidney"]] = 0.1
         a[r["Kidney Tumor"]] = 0.8
@@ -98,15 +98,15 @@ def test_dsc_by_hand_without_manifest_uses_reference_classes(folders):
 def test_anomaly_auroc_host_region_versus_volume(folders):
     host = run(folders, anomaly_dir=folders["amap"])              # region defaults to host
     assert host["region"] == "host"
-    for case, tumour in (("c1", "Liver Tumor"), ("c2", "Kidney Tumor")):
-        rec = host["cases"][case][tumour]
+    for case, tumor in (("c1", "Liver Tumor"), ("c2", "Kidney Tumor")):
+        rec = host["cases"][case][tumor]
         assert (rec["AUROC"], rec["FPR95"], rec["region"], rec["scores"]) == (1.0, 0.0, "host", "anomaly")
     assert host["cases"]["c1"]["Liver Tumor"]["n_region_voxels"] == 150
     assert host["cases"]["c2"]["Kidney Tumor"]["n_region_voxels"] == 192       # both kidneys
     assert "AUROC" not in host["cases"]["c1"]["Liver"]                          # organs get DSC only
     vol = run(folders, anomaly_dir=folders["amap"], region="volume")
     c1, c2 = vol["cases"]["c1"]["Liver Tumor"], vol["cases"]["c2"]["Kidney Tumor"]
-    # c1: the 72 spleen voxels out-score the tumour; c2: the 288 background voxels do
+    # c1: the 72 spleen voxels out-score the tumor; c2: the 288 background voxels do
     assert c1["AUROC"] == pytest.approx(400 / 472) and c1["FPR95"] == pytest.approx(72 / 472)
     assert c2["AUROC"] == pytest.approx(184 / 472) and c2["FPR95"] == pytest.approx(288 / 472)
     assert c1["region"] == "volume" and c1["n_region_voxels"] == N
@@ -130,7 +130,7 @@ def test_manifest_drives_class_selection_and_true_empties(folders, tmp_path):
     assert math.isnan(c1["Pancreas"]["DSC"])                           # annotated, empty in both
     assert s["mean"]["Pancreas"]["n_cases"] == 1 and s["mean"]["Pancreas"]["n_DSC"] == 0
     assert "Spleen" not in s["mean"] and s["class_selection"].startswith("manifest")
-    # a case that annotates the tumour but not its host: AUROC over the whole volume, flagged
+    # a case that annotates the tumor but not its host: AUROC over the whole volume, flagged
     dj = _write_manifest(tmp_path, {"c1": ["Liver Tumor"], "c2": ["Kidney Tumor", "Left Kidney"]})
     s = run(folders, dataset_json=dj, anomaly_dir=folders["amap"])
     rec = s["cases"]["c1"]["Liver Tumor"]
@@ -144,7 +144,7 @@ def test_manifest_drives_class_selection_and_true_empties(folders, tmp_path):
 
 
 def test_class_filter(folders):
-    s = run(folders, classes=["tumours", "Liver"])
+    s = run(folders, classes=["tumors", "Liver"])
     assert set(s["cases"]["c1"]) == {"Liver", "Liver Tumor"} and set(s["cases"]["c2"]) == {"Kidney Tumor"}
     with pytest.raises(L.UnknownClassError, match="Liver Tumor"):
         run(folders, classes=["Liver Tumour"])

@@ -5,7 +5,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunetv2_dsm.evaluation.evaluate import evaluate_folder
-from nnunetv2_dsm.labels import dataset_json_labels, tumour_label
+from nnunetv2_dsm.labels import dataset_json_labels, tumor_label
 from nnunetv2_dsm.manifest import make_entry, make_manifest
 
 
@@ -19,7 +19,7 @@ def test_summary_json_matches_nnunet_evaluate_folder_on_annotated_classes(tmp_pa
     ref, pred = tmp_path / "ref", tmp_path / "pred"
     ref.mkdir(), pred.mkdir()
     rng = np.random.default_rng(0)
-    lt = tumour_label("Liver Tumor", "Liver")
+    lt = tumor_label("Liver Tumor", "Liver")
     for case in ("a", "b"):
         r = np.zeros((8, 9, 10), np.uint8)
         r[2:6, 2:7, 2:8] = 6
@@ -32,21 +32,21 @@ def test_summary_json_matches_nnunet_evaluate_folder_on_annotated_classes(tmp_pa
     evaluate_folder(ref, pred, dataset_json=dj, num_processes=1, output_dir=tmp_path / "out")
     ours = load_summary_json(str(tmp_path / "out" / "summary.json"))
     labels = dataset_json_labels()
-    liver, tumour, spleen = (tuple(labels[n]) for n in ("Liver", "Liver Tumor", "Spleen"))
-    theirs = compute_metrics_on_folder(str(ref), str(pred), None, SimpleITKIO(), ".nii.gz", [liver, tumour, spleen],
+    liver, tumor, spleen = (tuple(labels[n]) for n in ("Liver", "Liver Tumor", "Spleen"))
+    theirs = compute_metrics_on_folder(str(ref), str(pred), None, SimpleITKIO(), ".nii.gz", [liver, tumor, spleen],
                                        num_processes=1)
     assert set(ours) == {"metric_per_case", "mean", "foreground_mean"}
     assert len(ours["mean"]) == 45 and set(theirs["mean"]) <= set(ours["mean"])  # every region, as nnU-Net's ...
     assert np.isnan(ours["mean"][spleen]["Dice"])        # ... but spleen is annotated nowhere: not counted
-    assert all(set(c["metrics"]) == {liver, tumour} for c in ours["metric_per_case"])
+    assert all(set(c["metrics"]) == {liver, tumor} for c in ours["metric_per_case"])
     for o, t in zip(ours["metric_per_case"], theirs["metric_per_case"]):
         assert o["reference_file"].endswith(t["reference_file"].rsplit("/", 1)[1])
-        for region in (liver, tumour):
+        for region in (liver, tumor):
             assert o["metrics"][region] == t["metrics"][region]
-    for region in (liver, tumour):
+    for region in (liver, tumor):
         assert ours["mean"][region]["Dice"] == theirs["mean"][region]["Dice"]
     assert theirs["mean"][spleen]["FP"] > 0  # nnU-Net would have counted the unannotated spleen as false positives
-    assert ours["foreground_mean"]["Dice"] == np.nanmean([theirs["mean"][r]["Dice"] for r in (liver, tumour)])
+    assert ours["foreground_mean"]["Dice"] == np.nanmean([theirs["mean"][r]["Dice"] for r in (liver, tumor)])
     dsm = json.loads((tmp_path / "out" / "dsm_summary.json").read_text())
     assert set(dsm["per_source"]) == {"lits"} and "AUROC" not in dsm["mean"]["Liver"]
 

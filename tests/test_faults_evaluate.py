@@ -20,13 +20,13 @@ def write(path, array):
 
 @pytest.fixture
 def folders(tmp_path):
-    """ref/pred/amap with one case: a noisy liver with a tumour and a spleen (so the gzip stream is long enough
+    """ref/pred/amap with one case: a noisy liver with a tumor and a spleen (so the gzip stream is long enough
     to cut)."""
     rng = np.random.default_rng(0)
     liver = rng.random(SHAPE) < 0.5
     spleen = ~liver & (rng.random(SHAPE) < 0.5)
-    tumour = liver & (rng.random(SHAPE) < 0.2)
-    lab = L.encode(L.multi_hot_from_classes({"Liver": liver, "Liver Tumor": tumour, "Spleen": spleen}, SHAPE))
+    tumor = liver & (rng.random(SHAPE) < 0.2)
+    lab = L.encode(L.multi_hot_from_classes({"Liver": liver, "Liver Tumor": tumor, "Spleen": spleen}, SHAPE))
     d = {k: tmp_path / k for k in ("ref", "pred", "amap")}
     for p in d.values():
         p.mkdir()

@@ -13,8 +13,8 @@ def test_class_table_is_the_papers_45_in_order():
     assert L.CLASS_NAMES[0] == "Spleen" and L.CLASS_NAMES[24] == "Celiac Truck"
     assert L.CLASS_NAMES[25] == "Spleen Tumor" and L.CLASS_NAMES[44] == "Rectal Tumor"
     assert L.class_index("Liver Tumor") == 31 and L.class_index("  liver tumor ") == 31
-    assert set(L.TUMOUR_HOSTS) == set(L.TUMOUR_NAMES)
-    assert all(h in L.ORGAN_NAMES for hosts in L.TUMOUR_HOSTS.values() for h in hosts)
+    assert set(L.TUMOR_HOSTS) == set(L.TUMOR_NAMES)
+    assert all(h in L.ORGAN_NAMES for hosts in L.TUMOR_HOSTS.values() for h in hosts)
 
 
 def test_unknown_class_names_the_closest_matches():
@@ -23,13 +23,13 @@ def test_unknown_class_names_the_closest_matches():
 
 
 def _all_valid_voxels():
-    """Every multi-hot vector the encoding must represent: background, each organ, each tumour in each host and
+    """Every multi-hot vector the encoding must represent: background, each organ, each tumor in each host and
     with its host unannotated."""
     vecs = [np.zeros(45, bool)]
     for k in range(25):
         v = np.zeros(45, bool); v[k] = True; vecs.append(v)
-    for t in L.TUMOUR_NAMES:
-        for host in L.TUMOUR_HOSTS[t] + (None,):
+    for t in L.TUMOR_NAMES:
+        for host in L.TUMOR_HOSTS[t] + (None,):
             v = np.zeros(45, bool); v[L.class_index(t) - 1] = True
             if host is not None:
                 v[L.class_index(host) - 1] = True
@@ -54,8 +54,8 @@ def test_round_trip_multi_hot_integer_regions_is_exact_for_every_class_and_host(
 
 def test_lateral_hosts_keep_their_side():
     for t in ("Kidney Tumor", "Kidney Cyst", "Adrenal Tumor", "Adrenal Cyst", "Lung Tumor", "Lung Cyst"):
-        right, left = L.TUMOUR_HOSTS[t]
-        vr, vl = L.tumour_label(t, right), L.tumour_label(t, left)
+        right, left = L.TUMOR_HOSTS[t]
+        vr, vl = L.tumor_label(t, right), L.tumor_label(t, left)
         assert vr != vl
         dr, dl = L.decode(np.array([vr, vl])).T
         assert dr[L.class_index(right) - 1] and not dr[L.class_index(left) - 1]
@@ -77,13 +77,13 @@ def test_encode_rejects_impossible_voxels():
 
 def test_regions_class_order_writes_a_label_inside_the_region():
     """nnU-Net writes regions_class_order[i] where region i is predicted: that integer must decode to a vector
-    containing class i (and, for single-host tumours, the host organ too)."""
+    containing class i (and, for single-host tumors, the host organ too)."""
     order = L.regions_class_order()
     assert len(order) == 45
     decoded = L.decode(np.array(order))  # (45, 45): column i = what label order[i] means
     assert decoded.diagonal().all()
-    liver_tumour = L.class_index("Liver Tumor") - 1
-    assert decoded[L.class_index("Liver") - 1, liver_tumour]
+    liver_tumor = L.class_index("Liver Tumor") - 1
+    assert decoded[L.class_index("Liver") - 1, liver_tumor]
 
 
 def test_encoding_of_random_multi_label_volumes_round_trips():

@@ -16,7 +16,7 @@ def test_stage1_shapes_and_deep_supervision_outputs():
     out = net(x)
     assert [tuple(o.shape) for o in out.predictions()] == [(2, 45, 32, 32, 32), (2, 25, 32, 32, 32),
                                                            (2, 25, 16, 16, 16), (2, 25, 8, 8, 8), (2, 25, 4, 4, 4)]
-    assert torch.all(out.logits[:, NUM_ORGANS:] == ABSENT_LOGIT)  # no tumour queries in Stage 1
+    assert torch.all(out.logits[:, NUM_ORGANS:] == ABSENT_LOGIT)  # no tumor queries in Stage 1
     assert out.query_class_log_probs is None and tuple(out.queries.shape) == (2, NUM_ORGANS, net.arch.dim)
     assert tuple(PredictionNetwork(net)(x).shape) == (2, 45, 32, 32, 32)     # what nnU-Net's predictor sees
 

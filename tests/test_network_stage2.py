@@ -30,10 +30,10 @@ def test_stage2_outputs_all_45_classes_and_per_layer_predictions():
 
 
 def test_every_trainable_parameter_gets_a_nonzero_gradient_in_stage2_training():
-    """The organ–tumour self-attention starts as the identity (zero output layers), so its inner layers get their
+    """The organ–tumor self-attention starts as the identity (zero output layers), so its inner layers get their
     first gradient once one step has moved those output layers: checked on the second step."""
     net = stage2_network()
-    assert not params_without_gradient(net, train_steps=2, tumours=True)
+    assert not params_without_gradient(net, train_steps=2, tumors=True)
 
 
 def test_eq20_cosine_over_tau_softmax_matches_a_direct_computation():
@@ -89,10 +89,10 @@ def test_stage1_weights_load_into_stage2_and_only_stage2_modules_are_new():
     loaded, fresh = transfer_weights(s2, s1.state_dict())
     assert set(loaded) == set(s1.state_dict()) - RUN_RECORDS and "trained_classes" in RUN_RECORDS
     assert "trained_classes" not in fresh
-    assert fresh and all(k.startswith(("tumour.", "alignment.")) for k in fresh)
+    assert fresh and all(k.startswith(("tumor.", "alignment.")) for k in fresh)
     for k in loaded:
         assert torch.equal(s2.state_dict()[k], s1.state_dict()[k])
-    assert "tumour.queries" in summarize_modules(fresh) or "tumour.diffusion" in summarize_modules(fresh)
+    assert "tumor.queries" in summarize_modules(fresh) or "tumor.diffusion" in summarize_modules(fresh)
     x = torch.randn(1, 1, 32, 32, 32)
     s1.eval(), s2.eval()
     with torch.no_grad():  # the backbone is shared exactly

@@ -8,13 +8,13 @@ from PIL import Image
 
 from _predict_helpers import SPACING, model, phantom_lps, predict  # noqa: F401 (fixture)
 from nnunetv2_dsm.inference.outputs import CLEAN_NAMES, class_statistics, label_table
-from nnunetv2_dsm.labels import MAX_LABEL, decode, tumour_label
+from nnunetv2_dsm.labels import MAX_LABEL, decode, tumor_label
 
 
 def test_label_table_says_what_each_code_means():
     table = label_table()
     assert len(table) == MAX_LABEL + 1
-    code = str(tumour_label("Liver Tumor", "Liver"))
+    code = str(tumor_label("Liver Tumor", "Liver"))
     assert table[code]["classes"] == ["Liver", "Liver Tumor"] and table[code]["files"] == ["liver", "liver_tumor"]
     assert table["25"]["files"] == ["celiac_trunk"] and table["2"]["files"] == ["kidney_right"]
     assert len(set(CLEAN_NAMES)) == 45 and all(re.fullmatch(r"[a-z0-9_]+", n) for n in CLEAN_NAMES)
@@ -23,14 +23,14 @@ def test_label_table_says_what_each_code_means():
 def test_class_statistics_count_every_code_of_a_class():
     seg = np.zeros((4, 5, 6), np.uint8)
     seg[0] = 6                                           # liver
-    seg[1, :2] = tumour_label("Liver Tumor", "Liver")    # liver tumour inside the liver: counts for both
+    seg[1, :2] = tumor_label("Liver Tumor", "Liver")    # liver tumor inside the liver: counts for both
     image = np.arange(seg.size, dtype=np.float32).reshape(seg.shape)
     stats = class_statistics(seg, image, (2.0, 1.0, 0.5))
-    liver, tumour = seg == 6, seg == tumour_label("Liver Tumor", "Liver")
+    liver, tumor = seg == 6, seg == tumor_label("Liver Tumor", "Liver")
     assert stats["liver"]["voxels"] == 42 and stats["liver_tumor"]["voxels"] == 12
     assert stats["liver"]["volume"] == 42 * 1e-3
-    assert stats["liver"]["intensity"] == round(image[liver | tumour].mean(), 2)
-    assert stats["liver_tumor"]["intensity_std"] == round(image[tumour].std(), 2)
+    assert stats["liver"]["intensity"] == round(image[liver | tumor].mean(), 2)
+    assert stats["liver_tumor"]["intensity_std"] == round(image[tumor].std(), 2)
     assert stats["spleen"] == {"volume": 0.0, "voxels": 0, "intensity": None, "intensity_std": None}
 
 

@@ -1,5 +1,5 @@
 """Property tests of the Stage-2 building blocks: anomaly prompt (Eq. 14–15), semantic diffusion (Eq. 16–18),
-prompt-masked cross-attention (Eq. 19) and the organ–tumour query interaction."""
+prompt-masked cross-attention (Eq. 19) and the organ–tumor query interaction."""
 import pytest
 import torch
 
@@ -238,7 +238,7 @@ def test_query_interaction_is_permutation_equivariant_and_trains():
     torch.manual_seed(0)
     qi = QuerySelfAttention(16, num_heads=4)
     assert qi.ffn[0].out_features == 64  # ffn_dim defaults to 4·dim
-    queries = torch.randn(2, 9, 16, generator=_gen(8))  # e.g. 4 organ + 5 tumour queries
+    queries = torch.randn(2, 9, 16, generator=_gen(8))  # e.g. 4 organ + 5 tumor queries
     out = qi(queries)
     assert out.shape == queries.shape
     perm = torch.randperm(9, generator=_gen(9))

@@ -1,14 +1,14 @@
 """KiTS19 / KiTS21 / KiTS23: ``case_00000/imaging.nii.gz`` plus
 
-* KiTS19 (``kits19/data/``): ``segmentation.nii.gz``, labels 1 kidney, 2 tumour;
-* KiTS21 (``kits21/data/``): ``aggregated_MAJ_seg.nii.gz`` (the official reference), 1 kidney, 2 tumour, 3 cyst;
+* KiTS19 (``kits19/data/``): ``segmentation.nii.gz``, labels 1 kidney, 2 tumor;
+* KiTS21 (``kits21/data/``): ``aggregated_MAJ_seg.nii.gz`` (the official reference), 1 kidney, 2 tumor, 3 cyst;
   ``segmentations/`` and ``raw/`` (per-rater files) are ignored;
-* KiTS23 (``kits23/dataset/``): ``segmentation.nii.gz``, 1 kidney, 2 tumour, 3 cyst; ``instances/`` is ignored.
+* KiTS23 (``kits23/dataset/``): ``segmentation.nii.gz``, 1 kidney, 2 tumor, 3 cyst; ``instances/`` is ignored.
 
 The version is detected from the layout: aggregated_MAJ_seg -> 21; ``kits23.json``, an ``instances/`` folder,
 case ids >= 300 or a ``kits23`` folder name -> 23; a ``kits21`` folder name -> 21; otherwise 19. A label holding
 3 (cyst) in a folder taken for KiTS19 fails with the reason and how to mark the folder as KiTS21/23. Arrays are stored slice-first (I,P,L affine); image and label share that
-grid and are reoriented together. The kidney label covers both kidneys: tumour and cyst voxels count as kidney
+grid and are reoriented together. The kidney label covers both kidneys: tumor and cyst voxels count as kidney
 too, and each connected kidney (with its masses) is assigned right/left by position. KiTS19 does not annotate
 cysts. Imaging is downloaded separately (``kits23_download_data``); a case without ``imaging.nii.gz`` is a
 documented skip, a case without a label goes to imagesTs. Case ids ``KiTS_00000``.

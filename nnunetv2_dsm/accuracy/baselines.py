@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from nnunetv2_dsm.labels import TUMOUR_HOSTS, class_index, region_values, tumour_label
+from nnunetv2_dsm.labels import TUMOR_HOSTS, class_index, region_values, tumor_label
 
 BASELINE_SOURCES = ("btcv", "lits", "kits")          # the sources whose test cases are scored (merge.SPLIT_SOURCES)
 BASELINE_TRAINER = "nnUNetTrainerBaselineNoDA"
@@ -58,8 +58,8 @@ def region_labels(classes: Sequence[str]) -> Dict[str, object]:
         if class_index(name) <= 25:
             order.append(class_index(name))
         else:
-            hosts = TUMOUR_HOSTS[name]
-            order.append(tumour_label(name, hosts[0] if len(hosts) == 1 else None))
+            hosts = TUMOR_HOSTS[name]
+            order.append(tumor_label(name, hosts[0] if len(hosts) == 1 else None))
     return {"labels": labels, "regions_class_order": order}
 
 

@@ -17,7 +17,7 @@ def parser() -> argparse.ArgumentParser:
                     "re-running with the same -o resumes (finished parts are skipped). See docs/accuracy.md.")
     p.add_argument("-o", "--output", required=True, help="output folder (nnU-Net folders, logs, predictions, report)")
     p.add_argument("--seed", type=int, default=0,
-                   help="phantom seed: anatomy, organ sizes, tumour positions (default 0)")
+                   help="phantom seed: anatomy, organ sizes, tumor positions (default 0)")
     p.add_argument("--budget", type=float, default=1.0,
                    help="scales every training's iterations (1: DSM Stage 1 50 + Stage 2 80 iterations, each "
                         "nnU-Net baseline 130; 2: the demo's DSM iterations; e.g. 0.25 for a quick run)")

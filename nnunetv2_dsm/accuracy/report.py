@@ -54,13 +54,13 @@ def _f(v, digits: int = 3) -> str:
 
 
 def dsc_table(doc: dict) -> List[str]:
-    """Markdown rows: one per class, nnU-Net / Stage 1 / Stage 2, then the organ and tumour means."""
+    """Markdown rows: one per class, nnU-Net / Stage 1 / Stage 2, then the organ and tumor means."""
     dsc = doc["dsc"]
     classes = sorted({c for m in MODELS for c in dsc.get(m, {})}, key=class_index)
     rows = ["| class | " + " | ".join(MODEL_TITLES[m] for m in MODELS) + " |", "|---|" + "---:|" * len(MODELS)]
     rows += [f"| {c} | " + " | ".join(_f(dsc.get(m, {}).get(c)) for m in MODELS) + " |" for c in classes]
     for title, part in (("mean, organs", [c for c in classes if class_index(c) <= 25]),
-                        ("mean, tumours", [c for c in classes if class_index(c) > 25])):
+                        ("mean, tumors", [c for c in classes if class_index(c) > 25])):
         if part:
             means = []
             for m in MODELS:
@@ -88,7 +88,7 @@ def write_markdown(doc: dict, path: Path, notes: Sequence[str] = ()) -> Path:
              f"DSM Stage 2 {it['dsm_stage2']}.", *notes, "",
              "## Test-set DSC (each test case by the nnU-Net of its own source, and by DSM)", "", *dsc_table(doc), "",
              "## Anomaly maps of DSM Stage 2 (Eq. 14), inside the host organ", "",
-             "| tumour | AUROC | FPR95 | cases |", "|---|---:|---:|---:|"]
+             "| tumor | AUROC | FPR95 | cases |", "|---|---:|---:|---:|"]
     lines += [f"| {t} | {_f(v.get('auroc'))} | {_f(v.get('fpr95'))} | {v.get('n_cases', '')} |"
               for t, v in doc["anomaly"].items()]
     lines += ["", "## Held-out class by text prompt (DSM Stage 2)", "", "| class | DSC | cases |", "|---|---:|---:|"]

@@ -4,8 +4,8 @@
   :func:`nnunetv2_dsm.labels.decode`); a class's score is the mean over the cases where it is defined (a case whose
   reference and prediction are both empty has none), the same convention as ``nnUNetv2_dsm_evaluate``. Reported
   are the classes with reference voxels in at least one scored case.
-* Anomaly maps (Eq. 14, higher = more anomalous): voxel AUROC and FPR at 95 % TPR of each tumour class inside its
-  host organ(s) annotated in the case (plus the tumour itself), mean over the cases containing that tumour.
+* Anomaly maps (Eq. 14, higher = more anomalous): voxel AUROC and FPR at 95 % TPR of each tumor class inside its
+  host organ(s) annotated in the case (plus the tumor itself), mean over the cases containing that tumor.
 * The prompt mask of the held-out class: DSC against its reference, mean over the cases.
 * Left/right swaps: a case counts when, for any lateral organ, the prediction overlaps the opposite side's
   reference more than its own.
@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from nnunetv2_dsm.evaluation.metrics import auroc_and_fpr95, dice
-from nnunetv2_dsm.labels import CLASS_NAMES, TUMOUR_HOSTS, class_index, decode
+from nnunetv2_dsm.labels import CLASS_NAMES, TUMOR_HOSTS, class_index, decode
 
 LATERAL_PAIRS = (("Right Kidney", "Left Kidney"), ("Right Adrenal Gland", "Left Adrenal Gland"),
                  ("Right Lung", "Left Lung"), ("Right Head of Femur", "Left Head of Femur"))
@@ -61,18 +61,18 @@ def lateral_swaps(ref_mh: np.ndarray, pred_mh: np.ndarray) -> List[str]:
     return sorted(out, key=class_index)
 
 
-def host_region(ref_mh: np.ndarray, tumour: str, annotated: Sequence[str]) -> Optional[np.ndarray]:
-    """The tumour's annotated host organ(s) plus the tumour; None when the case annotates none of its hosts."""
-    hosts = [h for h in TUMOUR_HOSTS[tumour] if h in annotated]
+def host_region(ref_mh: np.ndarray, tumor: str, annotated: Sequence[str]) -> Optional[np.ndarray]:
+    """The tumor's annotated host organ(s) plus the tumor; None when the case annotates none of its hosts."""
+    hosts = [h for h in TUMOR_HOSTS[tumor] if h in annotated]
     if not hosts:
         return None
-    return np.any([channel(ref_mh, h) for h in hosts] + [channel(ref_mh, tumour)], axis=0)
+    return np.any([channel(ref_mh, h) for h in hosts] + [channel(ref_mh, tumor)], axis=0)
 
 
-def case_anomaly(scores: np.ndarray, ref_mh: np.ndarray, tumour: str, annotated: Sequence[str]) -> Dict[str, float]:
-    """AUROC and FPR95 of ``scores`` for ``tumour`` inside its host region (the whole volume without a host)."""
-    region = host_region(ref_mh, tumour, annotated)
-    auroc, fpr95 = auroc_and_fpr95(scores, channel(ref_mh, tumour), region)
+def case_anomaly(scores: np.ndarray, ref_mh: np.ndarray, tumor: str, annotated: Sequence[str]) -> Dict[str, float]:
+    """AUROC and FPR95 of ``scores`` for ``tumor`` inside its host region (the whole volume without a host)."""
+    region = host_region(ref_mh, tumor, annotated)
+    auroc, fpr95 = auroc_and_fpr95(scores, channel(ref_mh, tumor), region)
     return {"auroc": auroc, "fpr95": fpr95, "region": "host" if region is not None else "volume"}
 
 
@@ -110,17 +110,17 @@ def score_dsc(inputs: ScoringInputs, refs: Dict[str, np.ndarray]) -> Dict[str, d
 
 
 def score_anomaly(inputs: ScoringInputs, refs: Dict[str, np.ndarray]) -> Dict[str, dict]:
-    """Per tumour class (seen ones on the test cases, the held-out one on the zero-shot cases): mean AUROC, FPR95
+    """Per tumor class (seen ones on the test cases, the held-out one on the zero-shot cases): mean AUROC, FPR95
     and the number of cases, from the anomaly maps."""
     per_class: Dict[str, List[dict]] = {}
     for case in list(inputs.test_cases) + list(inputs.inference_cases):
         if case not in inputs.anomaly_maps:
             continue
-        tumours = [c for c in inputs.annotated[case] if class_index(c) > 25 and channel(refs[case], c).any()]
-        if not tumours:
+        tumors = [c for c in inputs.annotated[case] if class_index(c) > 25 and channel(refs[case], c).any()]
+        if not tumors:
             continue
         scores = read_array(inputs.anomaly_maps[case]).astype(np.float32)
-        for t in tumours:
+        for t in tumors:
             per_class.setdefault(t, []).append(case_anomaly(scores, refs[case], t, inputs.annotated[case]))
     out = {}
     for t in sorted(per_class, key=class_index):

@@ -20,7 +20,7 @@ BWD_PREFIX = "autograd::engine::evaluate_function: "
 
 def _module_label(path: str) -> Optional[str]:
     """Module paths with at most two named parts are labelled (indices become *): 'kmmm.*.ssm',
-    'tumour.diffusion.*', 'backbone.encoder'; deeper modules count towards their labelled ancestor."""
+    'tumor.diffusion.*', 'backbone.encoder'; deeper modules count towards their labelled ancestor."""
     if path == "":
         return "network (glue: mask logits, k-means assignment, anomaly prompt, ...)"
     parts = path.split(".")

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the whole DSM pipeline on a built-in synthetic CT phantom: phantom source datasets in their "
                     "distributed layouts -> nnUNetv2_dsm_convert -> nnUNetv2_dsm_merge -> "
                     "nnUNetv2_plan_and_preprocess -> nnUNetv2_dsm_embed_prompts -> nnUNetv2_train Stage 1 -> Stage 2 "
-                    "-> nnUNetv2_dsm_predict (a tumour type held out of training asked for by text prompt) -> "
+                    "-> nnUNetv2_dsm_predict (a tumor type held out of training asked for by text prompt) -> "
                     "nnUNetv2_dsm_evaluate -> report.md with metrics and PNG overlays. Minutes on a 2-core CPU. "
                     "Re-running with the same --output resumes and skips finished steps.")
     p.add_argument("-o", "--output", default="dsm_demo_output",

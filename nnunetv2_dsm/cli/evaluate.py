@@ -1,4 +1,4 @@
-"""``nnUNetv2_dsm_evaluate``: DSC per case and class, voxel-level AUROC / FPR95 per tumour class.
+"""``nnUNetv2_dsm_evaluate``: DSC per case and class, voxel-level AUROC / FPR95 per tumor class.
 
 Writes ``summary.json`` (nnU-Net's structure, annotated classes only), ``dsm_summary.json`` (DSC, AUROC,
 FPR95, per source) and ``metrics.csv`` (long format) to ``-o`` (default: the prediction folder) and prints a
@@ -23,34 +23,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Evaluate DSM predictions against DSM reference label maps: DSC per case and class; voxel-level "
-                    "AUROC and FPR95 (FPR at 95% TPR) per tumour class. See docs/evaluation.md.")
+                    "AUROC and FPR95 (FPR at 95% TPR) per tumor class. See docs/evaluation.md.")
     p.add_argument("-ref", required=True, metavar="DIR",
                    help="reference label maps <case>.nii.gz in the DSM integer encoding (nnunetv2_dsm.labels)")
     p.add_argument("-pred", required=True, metavar="DIR",
                    help="predicted label maps <case>.nii.gz; <case>.npz with 'probabilities' (nnU-Net "
                         "--save_probabilities) is used as per-class scores when present")
     p.add_argument("--anomaly_maps", "--anomaly-maps", metavar="DIR", default=None,
-                   help="float <case>.nii.gz anomaly maps (Eq. 14, higher = more anomalous); the default tumour "
+                   help="float <case>.nii.gz anomaly maps (Eq. 14, higher = more anomalous); the default tumor "
                         "scores when given")
     p.add_argument("-dj", "--dataset_json", "--dataset-json", metavar="FILE", default=None,
                    help="dataset.json with 'dsm_manifest': evaluate each case's annotated classes (an annotated "
                         "class absent from the reference is a true empty). Without it: the classes present in "
                         "the reference")
     p.add_argument("--region", choices=("host", "volume"), default="host",
-                   help="voxels entering AUROC/FPR95: 'host' = reference host organ(s) of the tumour plus the "
-                        "tumour (whole volume if the case annotates no host), 'volume' = all voxels")
+                   help="voxels entering AUROC/FPR95: 'host' = reference host organ(s) of the tumor plus the "
+                        "tumor (whole volume if the case annotates no host), 'volume' = all voxels")
     p.add_argument("-o", "--output", metavar="DIR", default=None,
                    help="where summary.json (nnU-Net's structure), dsm_summary.json and metrics.csv go (default: the "
                         "-pred folder)")
     p.add_argument("--classes", nargs="+", metavar="NAME", default=None,
                    help="evaluate only these classes (names as in nnunetv2_dsm.labels.CLASS_NAMES, quote names "
-                        "with blanks; the words 'organs' and 'tumours' select a group)")
+                        "with blanks; the words 'organs' and 'tumors' select a group)")
     p.add_argument("--scores", choices=("auto", "anomaly", "probabilities"), default="auto",
-                   help="tumour scores for AUROC/FPR95: auto = anomaly maps if given, else the class probability "
+                   help="tumor scores for AUROC/FPR95: auto = anomaly maps if given, else the class probability "
                         "from <case>.npz when present")
     p.add_argument("--dsc_from", "--dsc-from", choices=("labels", "probabilities"), default="labels",
                    help="binary prediction for DSC: the label map, or each class probability > 0.5 from <case>.npz "
-                        "(keeps tumours of paired organs inside their organ)")
+                        "(keeps tumors of paired organs inside their organ)")
     p.add_argument("--skip_missing", "--skip-missing", action="store_true",
                    help="skip reference cases lacking a prediction (or anomaly map / npz) instead of failing")
     p.add_argument("--tolerance", type=float, default=GEOMETRY_TOL,

@@ -32,7 +32,7 @@ class ClipChoice:
         text = (f"WARNING: no CLIP weights were found ({'; '.join(self.notes) or 'none given'}), so the demo "
                 f"uses an UNTRAINED, randomly initialised CLIP text tower (--random-weights). Its text embeddings "
                 f"carry no language meaning: the prompt '{HELD_OUT_PROMPT}' cannot be matched to the model's classes "
-                f"by what it means (e.g. to the seen liver and kidney tumours), so the mask it returns for the "
+                f"by what it means (e.g. to the seen liver and kidney tumors), so the mask it returns for the "
                 f"held-out class {HELD_OUT_CLASS} is not a zero-shot result. The zero-shot numbers then reflect only "
                 f"the anomaly-prompt path: the class-agnostic anomaly map (AUROC / FPR95 inside the pancreas). For "
                 f"real embeddings pass --clip-weights /path/to/open_clip_pytorch_model.bin (OpenAI ViT-B/32) or set "

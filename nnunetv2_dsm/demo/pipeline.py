@@ -1,5 +1,5 @@
 """The demo's steps: phantom sources → convert → merge → plan/preprocess → Stage 1 → prompt embeddings → Stage 2
-→ predict (with the held-out tumour asked for by prompt) → evaluate → report.
+→ predict (with the held-out tumor asked for by prompt) → evaluate → report.
 
 Every step but the first and the last runs the real console command as a subprocess, exactly as a user would
 (``nnUNet_raw/_preprocessed/_results`` inside the output folder, ``nnUNet_extTrainer`` at the package's trainer

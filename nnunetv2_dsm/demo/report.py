@@ -19,9 +19,9 @@ import SimpleITK as sitk
 
 from nnunetv2_dsm.demo.sources import HELD_OUT_CLASS, HELD_OUT_PROMPT
 from nnunetv2_dsm.io_utils import atomic_target, atomic_write_text
-from nnunetv2_dsm.labels import CLASS_NAMES, NUM_ORGANS, decode, tumour_label
+from nnunetv2_dsm.labels import CLASS_NAMES, NUM_ORGANS, decode, tumor_label
 
-TUMOUR_COLOURS = {"Liver Tumor": (1.0, 0.1, 0.1), "Kidney Tumor": (1.0, 0.0, 1.0), "Kidney Cyst": (0.0, 1.0, 1.0),
+TUMOR_COLOURS = {"Liver Tumor": (1.0, 0.1, 0.1), "Kidney Tumor": (1.0, 0.0, 1.0), "Kidney Cyst": (0.0, 1.0, 1.0),
                   "Pancreas Tumor": (1.0, 1.0, 0.0)}
 ORGAN_COLOURS = {"Liver": (0.3, 0.75, 0.3), "Spleen": (0.25, 0.45, 0.95), "Right Kidney": (0.65, 0.45, 0.9),
                  "Left Kidney": (0.45, 0.3, 0.75), "Stomach": (0.6, 0.4, 0.2), "Pancreas": (0.65, 0.65, 0.15),
@@ -57,7 +57,7 @@ def write_prompt_labels(prompt_dir, out_dir, cases: Sequence[str], class_name: s
     out_dir.mkdir(parents=True, exist_ok=True)
     for case in cases:
         mask_image = sitk.ReadImage(str(Path(prompt_dir) / f"{case}.nii.gz"))
-        label = (sitk.GetArrayFromImage(mask_image) > 0).astype(np.uint8) * np.uint8(tumour_label(class_name))
+        label = (sitk.GetArrayFromImage(mask_image) > 0).astype(np.uint8) * np.uint8(tumor_label(class_name))
         label_image = sitk.GetImageFromArray(label)
         label_image.CopyInformation(mask_image)
         with atomic_target(out_dir / f"{case}.nii.gz") as tmp:
@@ -65,23 +65,23 @@ def write_prompt_labels(prompt_dir, out_dir, cases: Sequence[str], class_name: s
 
 
 def select_slice(reference: np.ndarray) -> int:
-    """Axial slice (axis 0) with the most reference tumour voxels; without tumours, the most organ voxels."""
-    tumour = reference > NUM_ORGANS
-    mask = tumour if tumour.any() else reference > 0
+    """Axial slice (axis 0) with the most reference tumor voxels; without tumors, the most organ voxels."""
+    tumor = reference > NUM_ORGANS
+    mask = tumor if tumor.any() else reference > 0
     return int(np.argmax(mask.reshape(mask.shape[0], -1).sum(1))) if mask.any() else reference.shape[0] // 2
 
 
 def _colour(label_slice: np.ndarray):
-    """RGBA overlay of a DSM label slice (organs translucent, tumours on top) and the classes shown."""
+    """RGBA overlay of a DSM label slice (organs translucent, tumors on top) and the classes shown."""
     import matplotlib  # lazy: matplotlib is an optional dependency, needed only for the demo's overlays
     multi_hot = decode(label_slice)                            # (45, y, x)
     rgba, shown = np.zeros((*label_slice.shape, 4)), []
     tab = matplotlib.colormaps["tab20b"]
-    for c in range(len(CLASS_NAMES)):                          # organs first, tumours drawn over them
+    for c in range(len(CLASS_NAMES)):                          # organs first, tumors drawn over them
         if not multi_hot[c].any():
             continue
         name = CLASS_NAMES[c]
-        rgb = TUMOUR_COLOURS.get(name, (1.0, 0.55, 0.0)) if c >= NUM_ORGANS else \
+        rgb = TUMOR_COLOURS.get(name, (1.0, 0.55, 0.0)) if c >= NUM_ORGANS else \
             ORGAN_COLOURS.get(name, tab(c % 20)[:3])
         rgba[multi_hot[c]] = (*rgb, 0.9 if c >= NUM_ORGANS else 0.45)
         shown.append((name, rgb, int(multi_hot[c].sum())))
@@ -118,16 +118,16 @@ def overlay_png(case: ReportCase, out_path, held_out: str = "Pancreas Tumor") ->
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
         elif title.startswith("prompt"):
             ax.imshow(np.ma.masked_where(vol[k] == 0, vol[k]), alpha=0.85, interpolation="nearest",
-                      cmap=ListedColormap([TUMOUR_COLOURS.get(held_out, (1.0, 1.0, 0.0))]))
+                      cmap=ListedColormap([TUMOR_COLOURS.get(held_out, (1.0, 1.0, 0.0))]))
         if title in ("anomaly map",) or title.startswith("prompt"):
-            tumour = ref[k] > NUM_ORGANS
-            if tumour.any():
-                ax.contour(tumour, levels=[0.5], colors="cyan", linewidths=0.8)
+            tumor = ref[k] > NUM_ORGANS
+            if tumor.any():
+                ax.contour(tumor, levels=[0.5], colors="cyan", linewidths=0.8)
         if title == "prediction" and vol is None:
             ax.text(0.5, 0.5, "no prediction", color="w", ha="center", transform=ax.transAxes)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"{case.case_id} ({case.subset}, {case.source}), axial slice {k}; cyan: reference tumour",
+    fig.suptitle(f"{case.case_id} ({case.subset}, {case.source}), axial slice {k}; cyan: reference tumor",
                  fontsize=9)
     if legend:
         fig.legend([Patch(color=c) for c in legend.values()], list(legend), loc="lower center", fontsize=7,
@@ -165,8 +165,8 @@ def metrics_tables(summaries: Dict[str, Optional[dict]], held_out: str, prompt: 
         out.append("")
     out.append("DSC per class, mean over the cases that annotate it (both masks empty: not counted). AUROC and FPR95 "
                "(false-positive rate at 95 % sensitivity; lower is better) score the class-agnostic anomaly map "
-               "(Eq. 14) voxel by voxel inside the tumour's host organ, so they are the same for every row of a "
-               "tumour class. Definitions: docs/evaluation.md.\n")
+               "(Eq. 14) voxel by voxel inside the tumor's host organ, so they are the same for every row of a "
+               "tumor class. Definitions: docs/evaluation.md.\n")
     return "\n".join(out)
 
 
@@ -205,9 +205,9 @@ def write_report(output_dir, *, header: Sequence[str], settings: Sequence[tuple]
         md.append(f"| {name} | {status} | {'' if seconds is None else f'{seconds:.0f} s'} | {log or ''} |")
     md += [f"| **total** | | **{total:.0f} s** | |", "", "| setting | value |", "|---|---|"]
     md += [f"| {k} | {v} |" for k, v in settings] + ["", "## Cases", "",
-                                                      "Axial slice with the most reference tumour voxels (else organ "
+                                                      "Axial slice with the most reference tumor voxels (else organ "
                                                       "voxels); abdomen window. Reference and prediction colours: "
-                                                      "organs translucent, tumours opaque.", ""]
+                                                      "organs translucent, tumors opaque.", ""]
     for case in cases:
         png = overlay_png(case, output_dir / "overlays" / f"{case.case_id}.png", held_out)
         md += [f"### {case.case_id} ({case.subset}, {case.source})", "",

@@ -7,12 +7,12 @@ only its own classes, with its own label ids. Every image shows the whole phanto
 annotate stays unlabelled (partial labels), as in the real datasets.
 
 =========  ======================================  ==================================  =========================
-source     layout (as unpacked)                    labels (source ids)                 tumours drawn
+source     layout (as unpacked)                    labels (source ids)                 tumors drawn
 =========  ======================================  ==================================  =========================
 btcv       RawData/Training/{img,label}, LPS       13 organs, BTCV ids                 none
 amos       amos22/imagesTr|labelsTr, RAS           15 organs, AMOS ids                 none
-lits       .../Training Batch 1/volume-N.nii, LAS  1 liver, 2 liver tumour             Liver Tumor
-kits       kits23/dataset/case_N/, I,P,L float32   1 kidney, 2 tumour, 3 cyst          Kidney Tumor (+ Cyst)
+lits       .../Training Batch 1/volume-N.nii, LAS  1 liver, 2 liver tumor             Liver Tumor
+kits       kits23/dataset/case_N/, I,P,L float32   1 kidney, 2 tumor, 3 cyst          Kidney Tumor (+ Cyst)
 msd        Task07_Pancreas/imagesTr|labelsTr, LPS  1 pancreas, 2 cancer                Pancreas Tumor (held out)
 =========  ======================================  ==================================  =========================
 
@@ -50,15 +50,15 @@ def _organ_table(table: Dict[int, str]) -> RawTable:
 
 @dataclass(frozen=True)
 class DemoSource:
-    """One phantom source: converter SOURCE name, nnU-Net dataset id, tumours drawn per case, its raw labels."""
+    """One phantom source: converter SOURCE name, nnU-Net dataset id, tumors drawn per case, its raw labels."""
     name: str
     dataset_id: int
     raw_table: RawTable
-    tumours: Tuple[Tuple[str, ...], ...]   # per case (cycled): tumour types drawn into that case
+    tumors: Tuple[Tuple[str, ...], ...]   # per case (cycled): tumor types drawn into that case
     seed: int
 
-    def tumours_of(self, i: int) -> Tuple[str, ...]:
-        return self.tumours[i % len(self.tumours)] if self.tumours else ()
+    def tumors_of(self, i: int) -> Tuple[str, ...]:
+        return self.tumors[i % len(self.tumors)] if self.tumors else ()
 
 
 SOURCES: Dict[str, DemoSource] = {s.name: s for s in (
@@ -175,13 +175,13 @@ def write_source(source: str, root, n_cases: int, shape: Sequence[int] = (48, 48
                  variation: float = 0.0) -> List[PhantomCaseFiles]:
     """Write ``n_cases`` phantom cases of ``source`` (a key of :data:`SOURCES`) in its distributed layout under
     ``root`` (the converter's INPUT_DIR). Returns the files per expected case id. Deterministic (seeded): ``seed``
-    draws another phantom (tumour positions and sizes, organ shapes; with ``variation`` > 0 also organ sizes and
+    draws another phantom (tumor positions and sizes, organ shapes; with ``variation`` > 0 also organ sizes and
     positions, see :func:`~nnunetv2_dsm.phantom.make_case`); the defaults give the demo's phantom."""
     spec, root = SOURCES[source], Path(root)
     out = []
     for i in range(n_cases):
         case_id, img_path, lab_path, grid, kw = _LAYOUTS[source](root, i)
-        case = make_case(shape, spacing, seed=case_seed(source, i, seed), tumours=spec.tumours_of(i),
+        case = make_case(shape, spacing, seed=case_seed(source, i, seed), tumors=spec.tumors_of(i),
                          variation=variation)
         _write(case.image, raw_label(case.multi_hot, spec.raw_table), case.spacing, grid, img_path, lab_path, **kw)
         out.append(PhantomCaseFiles(case_id, img_path, lab_path))
@@ -195,12 +195,12 @@ def expected_multi_hot(source: str, i: int, shape: Sequence[int] = (48, 48, 48),
     """(image, multi-hot restricted to the source's classes) that case ``i`` of ``source`` must convert to (LPS)."""
     from nnunetv2_dsm.phantom import restrict_to_annotated
     spec = SOURCES[source]
-    case = make_case(shape, spacing, seed=case_seed(source, i, seed), tumours=spec.tumours_of(i),
+    case = make_case(shape, spacing, seed=case_seed(source, i, seed), tumors=spec.tumors_of(i),
                      variation=variation)
     annotated = sorted({c for _, classes in spec.raw_table for c in classes})
     mh = restrict_to_annotated(case.multi_hot, annotated)
-    tumours = [class_index(c) - 1 for _, classes in spec.raw_table for c in classes if class_index(c) > 25]
-    for k, t in enumerate(tumours):                 # one tumour per voxel: a later label id overwrites an earlier
-        for earlier in tumours[:k]:
+    tumors = [class_index(c) - 1 for _, classes in spec.raw_table for c in classes if class_index(c) > 25]
+    for k, t in enumerate(tumors):                 # one tumor per voxel: a later label id overwrites an earlier
+        for earlier in tumors[:k]:
             mh[earlier] &= ~mh[t]
     return case.image, mh

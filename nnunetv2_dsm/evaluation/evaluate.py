@@ -1,4 +1,4 @@
-"""Folder-level DSM evaluation: per case and class DSC, and per tumour class voxel-level AUROC / FPR95.
+"""Folder-level DSM evaluation: per case and class DSC, and per tumor class voxel-level AUROC / FPR95.
 
 Inputs (see docs/evaluation.md for the full conventions):
 
@@ -26,7 +26,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnunetv2_dsm.labels import (CLASS_NAMES, MAX_LABEL, NUM_CLASSES, NUM_ORGANS, TUMOUR_HOSTS, class_index,
+from nnunetv2_dsm.labels import (CLASS_NAMES, MAX_LABEL, NUM_CLASSES, NUM_ORGANS, TUMOR_HOSTS, class_index,
                                  class_name, decode, names_to_indices)
 from nnunetv2_dsm.manifest import load_manifest
 from nnunetv2_dsm.evaluation.metrics import SortedScores, dice_from_counts
@@ -42,11 +42,11 @@ PROBABILITY_THRESHOLD = 0.5
 FALLBACK_REGION = "volume (no host annotation)"
 CONVENTIONS = {
     "DSC": "2|P&R|/(|P|+|R|); null (NaN) when reference and prediction are both empty, excluded from means",
-    "AUROC": "voxel-level Mann-Whitney (ties 1/2) of the scores vs the reference tumour mask in the region; "
-             "null when the region has no tumour or no non-tumour voxel",
+    "AUROC": "voxel-level Mann-Whitney (ties 1/2) of the scores vs the reference tumor mask in the region; "
+             "null when the region has no tumor or no non-tumor voxel",
     "FPR95": "FPR at the first threshold (high to low) with TPR >= 0.95, ties included",
-    "region": "host = reference host organ(s) of the tumour (labels.TUMOUR_HOSTS, annotated ones) united "
-              "with the tumour; volume = all voxels; no annotated host -> " + FALLBACK_REGION}
+    "region": "host = reference host organ(s) of the tumor (labels.TUMOR_HOSTS, annotated ones) united "
+              "with the tumor; volume = all voxels; no annotated host -> " + FALLBACK_REGION}
 _V = MAX_LABEL + 1
 _LUT = decode(np.arange(_V))  # (45, V) bool: integer label v belongs to class c + 1
 _CHUNK = 1 << 24
@@ -196,20 +196,20 @@ def _select_classes(job: CaseJob, present: np.ndarray) -> Tuple[List[int], set]:
 
 
 def _detection(scores: np.ndarray, ref: np.ndarray, c: int, available: set, region: str, where: str) -> dict:
-    tumour = _LUT[c - 1][ref]
+    tumor = _LUT[c - 1][ref]
     mask, used = None, "volume"
     if region == "host":
-        hosts = [class_index(h) for h in TUMOUR_HOSTS[class_name(c)] if class_index(h) in available]
+        hosts = [class_index(h) for h in TUMOR_HOSTS[class_name(c)] if class_index(h) in available]
         if hosts:
             mask, used = _LUT[[h - 1 for h in hosts] + [c - 1]].any(0)[ref], "host"
         else:
             used = FALLBACK_REGION
     try:
-        s = SortedScores.from_arrays(scores, tumour, mask)
+        s = SortedScores.from_arrays(scores, tumor, mask)
     except ValueError as e:
         raise EvaluationError(f"{where}: {e}") from None
     return {"AUROC": s.auroc(), "FPR95": s.fpr_at_tpr(0.95), "region": used,
-            "n_region_voxels": s.n_pos + s.n_neg, "n_tumour_voxels": s.n_pos}
+            "n_region_voxels": s.n_pos + s.n_neg, "n_tumor_voxels": s.n_pos}
 
 
 def evaluate_case(job: CaseJob) -> dict:
@@ -229,10 +229,10 @@ def evaluate_case(job: CaseJob) -> dict:
         for c in classes:
             out[class_name(c)].update(DSC=dice_from_counts(int(tp[c - 1]), int(n_pred[c - 1]), int(n_ref[c - 1])),
                                       n_ref=int(n_ref[c - 1]), n_pred=int(n_pred[c - 1]))
-    tumours = [c for c in classes if c > NUM_ORGANS]
+    tumors = [c for c in classes if c > NUM_ORGANS]
     channels = set(classes) if job.dsc_from == "probabilities" else set()
     if job.scores == "probabilities":
-        channels |= set(tumours)
+        channels |= set(tumors)
     for ch, prob in (iter_probability_channels(job.npz, sorted(c - 1 for c in channels), ref.shape)
                      if channels else ()):
         c, rec = ch + 1, out[class_name(ch + 1)]
@@ -240,20 +240,20 @@ def evaluate_case(job: CaseJob) -> dict:
             pred_mask, ref_mask = prob > PROBABILITY_THRESHOLD, _LUT[ch][ref]
             tp_c, n_p, n_r = (int(np.count_nonzero(m)) for m in (pred_mask & ref_mask, pred_mask, ref_mask))
             rec.update(DSC=dice_from_counts(tp_c, n_p, n_r), n_ref=n_r, n_pred=n_p)
-        if job.scores == "probabilities" and c in tumours:
+        if job.scores == "probabilities" and c in tumors:
             rec.update(_detection(prob, ref, c, available, job.region, job.npz), scores="probabilities")
-    if job.scores == "anomaly" and tumours:
+    if job.scores == "anomaly" and tumors:
         amap_img = _read_image(job.anomaly)
         check_geometry(ref_img, job.ref, amap_img, job.anomaly, job.tolerance)
         amap = sitk.GetArrayFromImage(amap_img)
-        for c in tumours:
+        for c in tumors:
             out[class_name(c)].update(_detection(amap, ref, c, available, job.region, job.anomaly), scores="anomaly")
     return out
 
 
 # --------------------------------------------------------------------------------------------------- the folder
 def parse_classes(names: Optional[Iterable[str]]) -> Optional[Tuple[int, ...]]:
-    """Class names (``CLASS_NAMES`` spelling) or the words ``organs`` / ``tumours`` -> 1-based indices."""
+    """Class names (``CLASS_NAMES`` spelling) or the words ``organs`` / ``tumors`` -> 1-based indices."""
     if not names:
         return None
     out = set()

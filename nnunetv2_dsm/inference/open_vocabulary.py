@@ -28,8 +28,8 @@ from nnunetv2_dsm.network.output import DSMOutput
 def anomaly_map(organ_response: torch.Tensor, size) -> torch.Tensor:
     """Eq. 14 at full resolution: the finest kMMM layer's organ-query responses (B, 25, *S_l) → (B, 1, *size) =
     −max over the organs, trilinearly (bilinearly) resized. These responses are trained on organ tissue without
-    tumours (training/loss.py: organ_targets_without_tumours), unlike the final organ masks, which include their
-    tumours and so answered "organ" exactly inside them."""
+    tumors (training/loss.py: organ_targets_without_tumors), unlike the final organ masks, which include their
+    tumors and so answered "organ" exactly inside them."""
     score = -organ_response[:, :NUM_ORGANS].float().amax(dim=1, keepdim=True)
     mode = "trilinear" if score.ndim == 5 else "bilinear"
     return F.interpolate(score, size=tuple(size), mode=mode, align_corners=False)
@@ -62,7 +62,7 @@ class OpenVocabularyOutputs:
         if self.num_prompts:
             if network.stage != 2:
                 raise RuntimeError("free-text prompts need a Stage 2 model (nnUNetTrainerDSMStage2): Stage 1 has no "
-                                   "tumour queries and no CLIP alignment")
+                                   "tumor queries and no CLIP alignment")
             extra.append(self._prompt_logits(network, output.queries, output.pixel_embedding))
         if self.anomaly:
             extra.append(anomaly_map(output.layers[0], output.logits.shape[2:]))

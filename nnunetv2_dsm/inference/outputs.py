@@ -1,7 +1,7 @@
 """Outputs that describe themselves: what each label-map code means, clean per-class file names, per-class
 statistics (TotalSegmentator's ``statistics.json`` shape) and a PNG preview per case.
 
-The label map holds DSM's composite codes 0..71 (``nnunetv2_dsm.labels``): 1-25 are organs, 26-71 a tumour inside a
+The label map holds DSM's composite codes 0..71 (``nnunetv2_dsm.labels``): 1-25 are organs, 26-71 a tumor inside a
 given host organ (or with no host), so one voxel can stand for two of the 45 classes. ``label_table`` says, per
 code, which classes it stands for and its colour; it is written next to the label maps as JSON and as an ITK-SNAP
 label description file (ITK-SNAP: Segmentation → Import Label Descriptions).
@@ -53,7 +53,7 @@ def class_from_text(text: str) -> int:
 
 
 def class_colour(index: int) -> List[int]:
-    """A fixed RGB colour per class (0-based): organs spread over the hue circle, tumours in saturated reds/yellows
+    """A fixed RGB colour per class (0-based): organs spread over the hue circle, tumors in saturated reds/yellows
     offset from them."""
     if index < NUM_ORGANS:
         h, s, v = (index * 0.618034) % 1.0, 0.55, 0.95
@@ -64,13 +64,13 @@ def class_colour(index: int) -> List[int]:
 
 def label_table() -> Dict[str, Dict]:
     """Code (str) → {"name", "classes" (display names), "class_indices" (1-based, as in dataset.json), "files"
-    (clean names), "color" [r, g, b]} for every code 0..MAX_LABEL; a tumour code takes the tumour's colour."""
+    (clean names), "color" [r, g, b]} for every code 0..MAX_LABEL; a tumor code takes the tumor's colour."""
     table = {"0": {"name": "background", "classes": [], "class_indices": [], "files": [], "color": [0, 0, 0]}}
     for code in range(1, MAX_LABEL + 1):
-        organ, tumour = label_meaning(code)
-        classes = [c for c in (organ, tumour) if c]
+        organ, tumor = label_meaning(code)
+        classes = [c for c in (organ, tumor) if c]
         idx = [CLASS_NAMES.index(c) for c in classes]
-        name = organ if tumour is None else f"{tumour} in {organ}" if organ else f"{tumour} (host not segmented)"
+        name = organ if tumor is None else f"{tumor} in {organ}" if organ else f"{tumor} (host not segmented)"
         table[str(code)] = {"name": name, "classes": classes, "class_indices": [i + 1 for i in idx],
                             "files": [CLEAN_NAMES[i] for i in idx], "color": class_colour(idx[-1])}
     return table
@@ -96,14 +96,14 @@ def write_label_tables(folder: str) -> None:
     table = label_table()
     atomic_write_text(os.path.join(folder, LABEL_TABLE_JSON), json.dumps(
         {"description": "DSM composite label codes of the label maps in this folder: code -> the classes it stands "
-                        "for (a tumour code also marks its host organ)", "labels": table}, indent=1))
+                        "for (a tumor code also marks its host organ)", "labels": table}, indent=1))
     atomic_write_text(os.path.join(folder, LABEL_TABLE_ITKSNAP), itksnap_label_description(table))
 
 
 def class_statistics(seg: np.ndarray, image: np.ndarray, spacing: Sequence[float],
                      classes: Optional[Sequence[int]] = None) -> Dict[str, Dict]:
     """Per class (0-based ``classes``, default all 45; a class counts every code that marks it, so an organ includes
-    its tumours): {"volume" ml, "voxels", "intensity" mean, "intensity_std"} — intensities in the image's units
+    its tumors): {"volume" ml, "voxels", "intensity" mean, "intensity_std"} — intensities in the image's units
     (HU for CT), None where the class is empty. ``seg`` and ``image`` (*S) share one grid; ``spacing`` in mm."""
     codes = seg.ravel().astype(np.int64)
     img = image.ravel().astype(np.float64)

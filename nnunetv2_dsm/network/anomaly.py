@@ -1,11 +1,11 @@
 """Anomaly mask visual prompt: paper §4.2.1, Eq. 14–15.
 
 At one kMMM scale the organ queries answer every voxel with a response (logit) R (B, N, *S). A voxel that no
-organ query claims — every response low — is an outlier of the organ distribution and a tumour candidate:
+organ query claims — every response low — is an outlier of the organ distribution and a tumor candidate:
 
 * Eq. 14, anomaly score:     A = −max_n R_n                                           (B, *S)
 * Eq. 15, mask prompt:       Â = (A − min A) / (max A − min A + ε), min/max over the voxels of *each sample*
-                             P = Â > τ, τ = 0.5 (True: the tumour queries attend there)
+                             P = Â > τ, τ = 0.5 (True: the tumor queries attend there)
 
 Deviation from the official code (official_code_notes §3.1, §8): it normalises over the whole batch tensor
 without ε (one sample's range then sets every sample's prompt, and a constant map gives NaN) and feeds the map as
@@ -50,11 +50,11 @@ def anomaly_prompt(organ_logits: torch.Tensor, threshold: float = 0.5,
     """Eq. 14–15: the anomaly mask visual prompt.
 
     organ_logits (B, N, *S) → (normalised anomaly (B, *S) float32 in [0, 1], attend (B, *S) bool), where
-    ``attend = normalised > threshold`` marks the anomalous region the tumour queries attend to (Eq. 19).
+    ``attend = normalised > threshold`` marks the anomalous region the tumor queries attend to (Eq. 19).
 
     Computed without gradient: the prompt is a hard mask (thresholding has no useful gradient), and the organ
     responses it is read from are trained by their own losses (the per-layer organ predictions are deeply
-    supervised), so the tumour branch must not pull them towards making prompts.
+    supervised), so the tumor branch must not pull them towards making prompts.
     """
     with torch.no_grad():
         normalised = normalize_per_sample(anomaly_score(organ_logits.detach()), eps)

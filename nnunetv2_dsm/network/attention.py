@@ -1,8 +1,8 @@
 """Multi-head attention helpers and the one query self-attention block of the DSM decoders.
 
 :class:`QuerySelfAttention` (pre-norm self-attention, then a pre-norm FFN, both residual) updates the organ queries
-at the end of every kMMM layer (§4.1.1) and the concatenated organ and tumour queries after Eq. 19 (§4.2.2, "we then
-concatenate organ and tumour queries and apply self-attention among them"). Attention runs through
+at the end of every kMMM layer (§4.1.1) and the concatenated organ and tumor queries after Eq. 19 (§4.2.2, "we then
+concatenate organ and tumor queries and apply self-attention among them"). Attention runs through
 ``scaled_dot_product_attention``; no dropout, no positional encoding, so the block is permutation-equivariant over
 the queries.
 """

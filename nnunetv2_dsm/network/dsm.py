@@ -1,13 +1,13 @@
-"""The DSM network: nnU-Net's planned U-Net + the kMMM decoder (Stage 1) + tumour-query refinement (Stage 2).
+"""The DSM network: nnU-Net's planned U-Net + the kMMM decoder (Stage 1) + tumor-query refinement (Stage 2).
 
 Stage 1 (paper §4.1): 25 learnable organ queries pass four kMMM layers over the four coarsest encoder scales
 (coarse → fine); the final masks are the inner products of the organ query embeddings with a pixel embedding of
-the last decoder feature map (sigmoid, multi-label). Stage 1 has no tumour queries: its 20 tumour channels are a
+the last decoder feature map (sigmoid, multi-label). Stage 1 has no tumor queries: its 20 tumor channels are a
 constant "absent" logit, so the network still answers all 45 regions nnU-Net expects.
 
-Stage 2 (paper §4.2) adds 20 tumour queries. At every scale: the anomaly prompt from that layer's organ-query
+Stage 2 (paper §4.2) adds 20 tumor queries. At every scale: the anomaly prompt from that layer's organ-query
 responses (Eq. 14–15), the semantic diffusion of the scale's features guided by the coarser scale (Eq. 16–18),
-prompt-masked cross-attention of the tumour queries (Eq. 19), then organ and tumour queries attend to each other.
+prompt-masked cross-attention of the tumor queries (Eq. 19), then organ and tumor queries attend to each other.
 Class k's mask is query k's mask (index match); the CLIP class-prompt alignment (Eq. 20) learns to name the
 queries, and free-text prompts mix the masks of the trained queries that match them (network/alignment.py).
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS, NUM_TUMOURS
+from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS, NUM_TUMORS
 from nnunetv2_dsm.network.alignment import ClassPromptAlignment
 from nnunetv2_dsm.network.backbone import UNetFeatures, kmmm_stage_indices
 from nnunetv2_dsm.network.kmeans_layer import KMeansMaskMambaLayer, conv1x1, mask_logits
@@ -81,8 +81,8 @@ class DSMNetwork(nn.Module):
         self.final_kernel = nn.Linear(arch.dim, arch.pixel_dim)
         self.final_bias = nn.Linear(arch.dim, 1)
         if stage == 2:
-            from nnunetv2_dsm.network.tumour_refinement import TumourQueryRefinement
-            self.tumour = TumourQueryRefinement(chans, arch, ndim)
+            from nnunetv2_dsm.network.tumor_refinement import TumorQueryRefinement
+            self.tumor = TumorQueryRefinement(chans, arch, ndim)
             self.alignment = ClassPromptAlignment(arch.dim, NUM_CLASSES)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -99,22 +99,22 @@ class DSMNetwork(nn.Module):
         skips, decoded = self.backbone(x)
         queries = self.organ_queries.expand(x.shape[0], -1, -1)
         layers: List[torch.Tensor] = []
-        tumour_state = self.tumour.init_state(x.shape[0]) if self.stage == 2 else None
+        tumor_state = self.tumor.init_state(x.shape[0]) if self.stage == 2 else None
         for layer, feat in zip(self.kmmm, (skips[i] for i in self.scale_indices)):
             queries, organ_response, _, pixel_embedding = layer(queries, feat)
             if self.stage == 2:
-                queries, tumour_state, tumour_logits = self.tumour.refine(
-                    queries, tumour_state, feat, organ_response, pixel_embedding)
-                organ_response = torch.cat((organ_response, tumour_logits), 1)
+                queries, tumor_state, tumor_logits = self.tumor.refine(
+                    queries, tumor_state, feat, organ_response, pixel_embedding)
+                organ_response = torch.cat((organ_response, tumor_logits), 1)
             layers.insert(0, organ_response)                    # fine → coarse
         log_p = None
         if self.stage == 2:
-            queries = torch.cat((queries, tumour_state["queries"]), 1)
+            queries = torch.cat((queries, tumor_state["queries"]), 1)
             log_p = self.alignment(queries)
         pixel_embedding = F.normalize(self.pixel_head(decoded), dim=1)
         kernels, biases = self.query_kernels(queries)
         logits = mask_logits(pixel_embedding, kernels) + biases.reshape(*biases.shape, *[1] * (x.ndim - 2))
         if self.stage == 1:
-            absent = logits.new_full((logits.shape[0], NUM_TUMOURS, *logits.shape[2:]), ABSENT_LOGIT)
+            absent = logits.new_full((logits.shape[0], NUM_TUMORS, *logits.shape[2:]), ABSENT_LOGIT)
             logits = torch.cat((logits, absent), 1)
         return DSMOutput(logits, layers, queries, pixel_embedding, log_p)

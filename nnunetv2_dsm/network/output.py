@@ -26,9 +26,9 @@ class DSMOutput:
     """What ``DSMNetwork.forward`` returns.
 
     logits                 (B, 45, *S)  class mask logits at the input resolution (sigmoid, multi-label)
-    layers                 [(B, 25 [+ 20], *S_l)]  each kMMM layer's organ [and tumour] responses, fine → coarse
+    layers                 [(B, 25 [+ 20], *S_l)]  each kMMM layer's organ [and tumor] responses, fine → coarse
                            (the deep-supervision predictions; layers[0] is the finest, Eq. 14 reads its organs)
-    queries                (B, N, D)    the final organ [and tumour] queries
+    queries                (B, N, D)    the final organ [and tumor] queries
     pixel_embedding        (B, Dp, *S)  the unit-norm final pixel embedding (mask_j = <embedding, kernel_j> + b_j)
     query_class_log_probs  (B, N, 45)   Eq. 20's log p_j(k) (Stage 2), else None
     """

@@ -1,4 +1,4 @@
-"""Prompt-based masked cross-attention of the tumour queries (paper §4.2.2, Eq. 19). The organ–tumour
+"""Prompt-based masked cross-attention of the tumor queries (paper §4.2.2, Eq. 19). The organ–tumor
 self-attention that follows it is :class:`nnunetv2_dsm.network.attention.QuerySelfAttention`.
 
 Eq. 19 (Mask2Former masked attention with the anomaly prompt P of Eq. 15 as the mask), per head:
@@ -8,14 +8,14 @@ Eq. 19 (Mask2Former masked attention with the anomaly prompt P of Eq. 15 as the 
 
 with F̂ the boundary-enhanced features of Eq. 18 flattened to (B, T, C). Guard: a sample whose prompt has no True
 voxel attends to every voxel (Mask2Former's rule; otherwise every logit is −∞ and the softmax is NaN). The same
-mask applies to every tumour query and head. Attention runs through ``scaled_dot_product_attention`` with a
+mask applies to every tumor query and head. Attention runs through ``scaled_dot_product_attention`` with a
 boolean mask broadcast as (B, 1, 1, T): memory linear in the number of voxels T. No dropout, no positional
 encoding (the official TextAttend has none either): the result is invariant to a joint permutation of the voxels
 and their prompt.
 
 Deviation from the official ``TextAttend`` (official_code_notes §3.3): it adds the prompt as a soft bias
 (+0.2·Â / −1) to all 45 queries, post-norm, followed by a gumbel grouping block whose output replaces the queries.
-Here the prompt is a hard mask on the tumour queries only, in a pre-norm residual block, as the paper and ZePT
+Here the prompt is a hard mask on the tumor queries only, in a pre-norm residual block, as the paper and ZePT
 describe. The key projection has no bias: a key bias adds the same logit to every voxel of a query, cancels in
 the softmax and would never receive a gradient.
 """
@@ -36,7 +36,7 @@ def prompt_mask(attend: torch.Tensor) -> torch.Tensor:
 
 
 class PromptMaskedCrossAttention(nn.Module):
-    """Eq. 19: tumour queries attend to the boundary-enhanced features inside the anomaly prompt.
+    """Eq. 19: tumor queries attend to the boundary-enhanced features inside the anomaly prompt.
 
     ``forward(queries (B, Nt, D), features (B, C, *S), attend (B, *S) bool) -> (B, Nt, D)``; 2-D or 3-D features.
     Pre-norm residual: Q + W_o · MaskedAttn(W_q LN(Q), W_k LN(F̂), W_v LN(F̂)).

@@ -55,17 +55,17 @@ def alignment_loss(query_class_log_probs: torch.Tensor) -> torch.Tensor:
     return -query_class_log_probs.diagonal(dim1=1, dim2=2)[:, :n].mean()
 
 
-def organ_targets_without_tumours(target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+def organ_targets_without_tumors(target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
     """Per-layer targets for Eq. 14: target (B, 45, *S) multi-hot, annotated (B, 45) bool → the same target with
-    every voxel of an annotated tumour removed from the 25 organ channels (the tumour channels are unchanged).
+    every voxel of an annotated tumor removed from the 25 organ channels (the tumor channels are unchanged).
 
-    The final organ masks include their tumours (the label table says so), but the per-layer organ responses are
-    what the anomaly score −max R reads (Eq. 14): trained to claim tumour voxels, they made it lowest exactly
-    inside the tumours (liver-tumour AUROC 0.04 in the demo). Here the layers learn organ tissue without tumours."""
-    tumour = target[:, NUM_ORGANS:] * annotated[:, NUM_ORGANS:target.shape[1]].reshape(
+    The final organ masks include their tumors (the label table says so), but the per-layer organ responses are
+    what the anomaly score −max R reads (Eq. 14): trained to claim tumor voxels, they made it lowest exactly
+    inside the tumors (liver-tumor AUROC 0.04 in the demo). Here the layers learn organ tissue without tumors."""
+    tumor = target[:, NUM_ORGANS:] * annotated[:, NUM_ORGANS:target.shape[1]].reshape(
         *annotated.shape[:1], -1, *[1] * (target.ndim - 2)).to(target.dtype)
-    tumour_any = tumour.amax(dim=1, keepdim=True) > 0
-    organs = target[:, :NUM_ORGANS] * (~tumour_any).to(target.dtype)
+    tumor_any = tumor.amax(dim=1, keepdim=True) > 0
+    organs = target[:, :NUM_ORGANS] * (~tumor_any).to(target.dtype)
     return torch.cat((organs, target[:, NUM_ORGANS:]), 1)
 
 
@@ -83,7 +83,7 @@ class DSMLoss(nn.Module):
     ``targets``: one (B, 45, *S) multi-hot target per deep-supervision scale (nnU-Net's list), or a single tensor for
     the final logits only. The classes each case annotates, (B, 45) bool, are ``annotated`` or, when that is None,
     the ``annotated`` attribute the trainer sets for every batch (so nnU-Net's own ``train_step`` calls the loss
-    unchanged). The layer outputs are supervised with :func:`organ_targets_without_tumours`. ``normalizer``: see
+    unchanged). The layer outputs are supervised with :func:`organ_targets_without_tumors`. ``normalizer``: see
     :func:`partial_label_dice_bce` (the trainers pass the global one under DDP)."""
 
     def __init__(self, n_outputs: int, alignment_weight: float = 1.0, smooth: float = 1e-5,
@@ -104,7 +104,7 @@ class DSMLoss(nn.Module):
         targets = [targets] if isinstance(targets, torch.Tensor) else list(targets)
         predictions = output.predictions()[:len(targets)]
         weights = self.weights if len(predictions) == len(self.weights) else deep_supervision_weights(len(predictions))
-        layer_targets = [t if i == 0 else organ_targets_without_tumours(t, annotated) for i, t in enumerate(targets)]
+        layer_targets = [t if i == 0 else organ_targets_without_tumors(t, annotated) for i, t in enumerate(targets)]
         loss = sum(w * partial_label_dice_bce(o, t, annotated, self.smooth, self.normalizer)
                    for w, o, t in zip(weights, predictions, layer_targets))
         if output.query_class_log_probs is not None and self.alignment_weight:

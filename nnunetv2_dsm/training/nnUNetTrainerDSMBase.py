@@ -132,7 +132,7 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
     # ---- data ----------------------------------------------------------------------------------------------------
     def do_split(self):
         """nnU-Net's split (splits_final.json or its seeded 5-fold CV), restricted to this stage's training cases:
-        Stage 1 the organ datasets, Stage 2 those plus the tumour datasets (manifest ``stage``)."""
+        Stage 1 the organ datasets, Stage 2 those plus the tumor datasets (manifest ``stage``)."""
         tr_keys, val_keys = super().do_split()
         allowed = set(self.manifest.training_cases(self.dsm_stage))
         tr = [k for k in tr_keys if k in allowed]

@@ -6,7 +6,7 @@ Stage 2 starts from the Stage 1 model of the same dataset, plans, configuration 
 convention at ``$nnUNet_results/<Dataset>/<Stage1 trainer>__<plans>__<configuration>/fold_<f>/checkpoint_final.pth``
 or given explicitly with the environment variable ``nnUNet_dsm_stage1_checkpoint`` (a path to a .pth).
 Every weight whose name and shape match is loaded (backbone, organ queries, kMMM layers, final head); the log
-lists the modules Stage 2 adds (tumour queries, diffusion, prompt attention, alignment), which start fresh.
+lists the modules Stage 2 adds (tumor queries, diffusion, prompt attention, alignment), which start fresh.
 The CLIP class-prompt embeddings are read from the dataset's cache (``nnUNetv2_dsm_embed_prompts -d ID``).
 """
 from __future__ import annotations
@@ -57,8 +57,8 @@ def summarize_modules(keys: List[str]) -> str:
 
 
 class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
-    """DSM Stage 2: tumour queries with anomaly prompts, semantic diffusion, prompt-masked attention and CLIP
-    class-prompt alignment, on the organ datasets plus the tumour datasets."""
+    """DSM Stage 2: tumor queries with anomaly prompts, semantic diffusion, prompt-masked attention and CLIP
+    class-prompt alignment, on the organ datasets plus the tumor datasets."""
     dsm_stage = 2
     stage1_trainer_name = "nnUNetTrainerDSMStage1"
 

@@ -21,7 +21,7 @@ class nnUNetTrainerDSMStage1_demo(ShortScheduleMixin, TinyDecoderMixin, nnUNetTr
 
 
 class nnUNetTrainerDSMStage2_demo(ShortScheduleMixin, TinyDecoderMixin, nnUNetTrainerNoDA, nnUNetTrainerDSMStage2):
-    """Stage 2 of the demo: starts from nnUNetTrainerDSMStage1_demo and adds the tumour queries (16 epochs: with 8
-    the liver tumours were not found at all, DSC 0.00 vs 0.47)."""
+    """Stage 2 of the demo: starts from nnUNetTrainerDSMStage1_demo and adds the tumor queries (16 epochs: with 8
+    the liver tumors were not found at all, DSC 0.00 vs 0.47)."""
     stage1_trainer_name = "nnUNetTrainerDSMStage1_demo"
     short_epochs, short_iterations, short_val_iterations, short_lr = 16, 10, 1, 2e-3
