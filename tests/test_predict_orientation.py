@@ -2,6 +2,7 @@
 model from tiny plans (no training) is enough: the assertions are about geometry, not accuracy."""
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from _predict_helpers import model, phantom_lps, predict, reoriented, write_dicom_series  # noqa: F401 (fixture)
 from nnunetv2_dsm.cli.predict import main
@@ -89,6 +90,6 @@ def test_unknown_dataset_and_missing_gpu_are_one_line_errors(model, tmp_path, ca
     args = ["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-c", "3d_fullres", "-f", "0"]
     assert main([*args, "-d", "996", "-device", "cpu"]) == 2
     assert "-d 996: unknown dataset" in capsys.readouterr().err
-    if not __import__("torch").cuda.is_available():
+    if not torch.cuda.is_available():
         assert main([*args, "-d", "997", "-device", "cuda"]) == 2
         assert "no CUDA GPU is visible" in capsys.readouterr().err

@@ -69,12 +69,12 @@ def nnunet_summary(summary: dict) -> dict:
     means, annotated = {}, []
     for r in regions:  # every region, as nnU-Net's tools index them; NaN where no case annotates it
         vals = [c["metrics"][r] for c in per_case if r in c["metrics"]]
-        means[r] = {m: _nanmean([v[m] for v in vals]) for m in NNUNET_METRICS}
+        means[r] = {metric: _nanmean([v[metric] for v in vals]) for metric in NNUNET_METRICS}
         annotated += [r] if vals else []
     # NaN-aware: a class annotated but empty in reference and prediction of every case has no Dice (nnU-Net's plain
     # mean would turn the whole figure into NaN, and find_best_configuration could not rank it)
-    foreground = {m: _nanmean([means[r][m] for r in annotated]) if annotated else float("nan")
-                  for m in NNUNET_METRICS}
+    foreground = {metric: _nanmean([means[r][metric] for r in annotated]) if annotated else float("nan")
+                  for metric in NNUNET_METRICS}
     return {"metric_per_case": per_case, "mean": means, "foreground_mean": foreground}
 
 
@@ -105,8 +105,8 @@ def compute_metrics_on_folder_annotated(folder_ref: str, folder_pred: str, outpu
     from nnunetv2_dsm.evaluation.evaluate import evaluate_folder
     candidates = [os.path.join(os.path.dirname(os.path.normpath(folder_ref)), "dataset.json"),
                   os.path.join(folder_pred, "dataset.json")]
-    dj = next((c for c in candidates if os.path.isfile(c)), None)
-    summary = evaluate_folder(folder_ref, folder_pred, dataset_json=dj, skip_missing=True,
+    dataset_json = next((c for c in candidates if os.path.isfile(c)), None)
+    summary = evaluate_folder(folder_ref, folder_pred, dataset_json=dataset_json, skip_missing=True,
                               num_processes=num_processes, write=False)
     return write_nnunet_summary(summary, output_file) if output_file else nnunet_summary(summary)
 
@@ -120,14 +120,14 @@ def annotated_classes_in_nnunet_evaluation():
     import nnunetv2.evaluation.accumulate_cv_results as acc
     import nnunetv2.evaluation.find_best_configuration as fbc
     import nnunetv2.postprocessing.remove_connected_components as pp
-    saved = [(m, m.compute_metrics_on_folder) for m in (acc, fbc, pp)]
+    saved = [(module, module.compute_metrics_on_folder) for module in (acc, fbc, pp)]
     try:
-        for m, _ in saved:
-            m.compute_metrics_on_folder = compute_metrics_on_folder_annotated
+        for module, _ in saved:
+            module.compute_metrics_on_folder = compute_metrics_on_folder_annotated
         yield
     finally:
-        for m, f in saved:
-            m.compute_metrics_on_folder = f
+        for module, original in saved:
+            module.compute_metrics_on_folder = original
 
 
 def find_best_configuration_main() -> None:

@@ -168,9 +168,11 @@ def export_case(logits: torch.Tensor, properties: dict, predictor, out: str, cas
                 image_lps: Optional[np.ndarray] = None) -> Dict:
     """Write every requested output of one case from its logits (45 + P + A, *patch grid) on the input's own grid;
     ``image_lps`` (z, y, x) is the CT on the LPS grid (statistics, preview, DICOM-SEG). Returns prompt voxel counts."""
-    pm, cm, ending = predictor.plans_manager, predictor.configuration_manager, opts.file_ending
+    plans_manager, configuration_manager = predictor.plans_manager, predictor.configuration_manager
+    ending = opts.file_ending
     labels = getattr(predictor.label_manager, "dataset_labels", predictor.label_manager)
-    seg = label_map(logits, properties, pm, cm, labels.regions_class_order).astype(LABEL_DTYPE)
+    seg = label_map(logits, properties, plans_manager, configuration_manager,
+                    labels.regions_class_order).astype(LABEL_DTYPE)
     write_seg(to_input_grid(seg, properties), os.path.join(out, case + ending), properties, SimpleITKIO())
     if opts.output_type == "dicom_seg":
         from nnunetv2_dsm.inference.dicom_seg import write_dicom_seg
@@ -186,25 +188,26 @@ def export_case(logits: torch.Tensor, properties: dict, predictor, out: str, cas
     probabilities, counts = None, {}
     threshold_logit = float(np.log(opts.prompt_threshold / (1 - opts.prompt_threshold)))
     masks = set(opts.roi_subset or range(NUM_CLASSES)) if opts.save_class_masks else set()
-    for c, ch in resampled_channels(logits, properties, pm, cm,
+    for c, ch in resampled_channels(logits, properties, plans_manager, configuration_manager,
                                     channels=_class_channels(opts) + list(range(NUM_CLASSES, logits.shape[0]))):
         if c < NUM_CLASSES:
             if opts.save_probabilities:  # nnU-Net's npz layout: (45, *input grid), 0 outside the crop
-                prob = to_input_grid(to_original_grid(1 / (1 + np.exp(-ch)), properties, pm), properties)
+                prob = to_input_grid(to_original_grid(1 / (1 + np.exp(-ch)), properties, plans_manager), properties)
                 if probabilities is None:
                     probabilities = np.zeros((NUM_CLASSES, *prob.shape), np.float32)
                 probabilities[c] = prob
             if c in masks:
-                _write_mask(to_original_grid((ch > 0).astype(np.uint8), properties, pm),
+                _write_mask(to_original_grid((ch > 0).astype(np.uint8), properties, plans_manager),
                             os.path.join(out, "masks", case, CLEAN_NAMES[c] + ending), properties)
         elif c < NUM_CLASSES + len(opts.prompts):
             p = c - NUM_CLASSES
-            mask = to_original_grid((ch > threshold_logit).astype(np.uint8), properties, pm)
+            mask = to_original_grid((ch > threshold_logit).astype(np.uint8), properties, plans_manager)
             counts[opts.prompts[p]] = int(mask.sum())
             _write_mask(mask, os.path.join(out, "prompts", opts.prompt_slugs[p], case + ending), properties)
         else:
             os.makedirs(os.path.join(out, "anomaly_maps"), exist_ok=True)
-            write_float_image(to_input_grid(to_original_grid(ch, properties, pm, fill=float(ch.min())), properties),
+            anomaly = to_original_grid(ch, properties, plans_manager, fill=float(ch.min()))
+            write_float_image(to_input_grid(anomaly, properties),
                               os.path.join(out, "anomaly_maps", case + ".nii.gz"), properties, SimpleITKIO())
     if probabilities is not None:
         from batchgenerators.utilities.file_and_folder_operations import save_pickle
@@ -259,15 +262,17 @@ def preprocessed_cases(cases: Sequence[InputCase], predictor, workers: int = 1
     """Yield, in order, (case, data (C, *resampled grid) float32, nnU-Net properties, CT (z, y, x) on the LPS grid):
     read, checked and reoriented (``inputs.load_case``), then nnU-Net's preprocessing; up to ``workers`` cases are
     prepared ahead in threads (nnU-Net's -npp). A case whose input is unusable yields (case, None, message, None)."""
-    pm, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
-    preprocessor = cm.preprocessor_class(verbose=predictor.verbose)
+    plans_manager, configuration_manager = predictor.plans_manager, predictor.configuration_manager
+    dataset_json = predictor.dataset_json
+    preprocessor = configuration_manager.preprocessor_class(verbose=predictor.verbose)
 
     def prepare(case: InputCase):
         try:
             image, props = load_case(case)
         except InputError as e:
             return case, None, str(e), None
-        data, _, props = preprocessor.run_case_npy(image, None, props, pm, cm, dj)
+        data, _, props = preprocessor.run_case_npy(image, None, props, plans_manager, configuration_manager,
+                                                   dataset_json)
         return case, torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), props, image[0]
 
     workers = max(1, workers)
@@ -346,9 +351,9 @@ def predict(input_path: str, output_folder: str, model_folder: str, folds, check
             finish(*pending.popleft())
     if failed and len(failed) == len(todo):
         raise PredictionError(next(iter(failed.values())) if len(failed) == 1 else
-                              "no case could be read: " + "; ".join(f"{c}: {m}" for c, m in failed.items()))
+                              "no case could be read: " + "; ".join(f"{c}: {why}" for c, why in failed.items()))
     if failed:
         raise PartialPredictionError(f"{len(failed)} of {len(todo)} cases could not be read and were skipped (the "
                                      f"others are in {output_folder}): " +
-                                     "; ".join(f"{c}: {m}" for c, m in failed.items()))
+                                     "; ".join(f"{c}: {why}" for c, why in failed.items()))
     return report

@@ -7,7 +7,7 @@ organ query claims — every response low — is an outlier of the organ distrib
 * Eq. 15, mask prompt:       Â = (A − min A) / (max A − min A + ε), min/max over the voxels of *each sample*
                              P = Â > τ, τ = 0.5 (True: the tumor queries attend there)
 
-Deviation from the official code (official_code_notes §3.1, §8): it normalises over the whole batch tensor
+Deviation from the official code (docs/fidelity.md, difference 4): it normalises over the whole batch tensor
 without ε (one sample's range then sets every sample's prompt, and a constant map gives NaN) and feeds the map as
 an additive soft bias (+0.2·Â / −1). Here the normalisation is per sample with ε in the denominator (a constant
 map gives 0, not NaN), and the prompt is a hard boolean mask (Mask2Former masked attention, as in ZePT and the

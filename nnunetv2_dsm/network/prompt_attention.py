@@ -13,7 +13,7 @@ boolean mask broadcast as (B, 1, 1, T): memory linear in the number of voxels T.
 encoding (the official TextAttend has none either): the result is invariant to a joint permutation of the voxels
 and their prompt.
 
-Deviation from the official ``TextAttend`` (official_code_notes §3.3): it adds the prompt as a soft bias
+Deviation from the official ``TextAttend`` (docs/fidelity.md): it adds the prompt as a soft bias
 (+0.2·Â / −1) to all 45 queries, post-norm, followed by a gumbel grouping block whose output replaces the queries.
 Here the prompt is a hard mask on the tumor queries only, in a pre-norm residual block, as the paper and ZePT
 describe. The key projection has no bias: a key bias adds the same logit to every voxel of a query, cancels in

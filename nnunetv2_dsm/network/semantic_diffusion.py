@@ -24,7 +24,7 @@ and channel from the aggregated guidance difference (the SDN/official factorisat
 with replicate padding, so every 3×3×3 kernel acts as its 3×3 sum over the third axis: the 2-D result equals the
 3-D result on x[..., None].
 
-Deviations from the official ``model/sdm.py`` (official_code_notes §3.2): it multiplies the feature difference by
+Deviations from the official ``model/sdm.py`` (docs/fidelity.md, difference 8): it multiplies the feature difference by
 the *squared guidance difference* — an increasing function, which enhances diffusion across boundaries, the
 opposite of the paper's decreasing diffusivity — uses unconstrained difference kernels (a constant field is not
 mapped to zero) with zero padding, and ends in ReLU(BN(·)) with a bias, so even a zero difference changes x.
