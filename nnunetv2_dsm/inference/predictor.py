@@ -105,13 +105,14 @@ def check_model_folder(model_folder: str, folds, checkpoint_name: str) -> None:
     if not os.path.isdir(model_folder):
         raise PredictionError(f"model folder {model_folder} does not exist: train it first (nnUNetv2_train ... -tr "
                               f"<trainer>) or check -d/-tr/-p/-c and $nnUNet_results")
-    for f in folds:
-        ckpt = os.path.join(model_folder, f"fold_{f}", checkpoint_name)
+    checkpoints = [(f, os.path.join(model_folder, f"fold_{f}", checkpoint_name)) for f in folds]
+    for f, ckpt in checkpoints:
         if not os.path.isfile(ckpt):
             raise PredictionError(f"{ckpt} not found: fold {f} is not trained (or not finished; use -chk "
                                   f"checkpoint_best.pth/checkpoint_latest.pth), or pick other folds with -f")
-        # nnU-Net's loader unpickles with weights_only=False: a crafted file would run code. Check each file with
-        # the safe loader first (tensors, plain containers and numpy scalars only); a refused file is one line.
+    # nnU-Net's loader unpickles with weights_only=False: a crafted file would run code. Check each file with
+    # the safe loader first (tensors, plain containers and numpy scalars only); a refused file is one line.
+    for f, ckpt in checkpoints:
         try:
             load_checkpoint(ckpt, f"checkpoint of fold {f}")
         except CheckpointError as e:
