@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from nnunetv2_dsm.benchmark.gpu_report import TARGETS, render_markdown, summarize_benchmark  # noqa: F401
+from nnunetv2_dsm.io_utils import atomic_save_json, atomic_write_text
 from nnunetv2_dsm.network import ssm_backend
 
 BACKEND_ENV = ssm_backend.BACKEND_ENV
@@ -328,11 +329,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         res["build"] = _load(os.path.dirname(args.build_json) or ".", os.path.basename(args.build_json)) or \
             {"error": f"no build result at {args.build_json}"}
 
-    def save():
-        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-            json.dump(res, f, indent=1, default=str)
-        with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
-            f.write(render_markdown(res))
+    def save():   # after every section: a run cut short by the time limit keeps what it measured
+        atomic_save_json(os.path.join(args.out, "gpu_check.json"), res, default=str)
+        atomic_write_text(os.path.join(args.out, "gpu_check.md"), render_markdown(res))
 
     guarded(res, "kernels", lambda: check_kernels(device, lengths, args.dry_run))
     save()
