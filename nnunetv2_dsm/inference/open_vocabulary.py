@@ -72,7 +72,7 @@ class OpenVocabularyOutputs:
         weights, cos = network.alignment.prompt_weights(queries, self.prompt_embeddings,
                                                         eligible=network.trained_classes)   # (B, N, P) each
         kernels, biases = mix_kernels(weights, *network.query_kernels(queries))
-        logits = mask_logits(pixel_embedding, kernels) + biases.reshape(*biases.shape, *[1] * (pixel_embedding.ndim - 2))
+        logits = mask_logits(pixel_embedding, kernels, biases)
         ws, cs = weights.float().sum(0).T, cos.sum(0).T             # (P, N)
         self._weight_sum = ws if self._weight_sum is None else self._weight_sum + ws
         self._cos_sum = cs if self._cos_sum is None else self._cos_sum + cs

@@ -113,7 +113,7 @@ class DSMNetwork(nn.Module):
             log_p = self.alignment(queries)
         pixel_embedding = F.normalize(self.pixel_head(decoded), dim=1)
         kernels, biases = self.query_kernels(queries)
-        logits = mask_logits(pixel_embedding, kernels) + biases.reshape(*biases.shape, *[1] * (x.ndim - 2))
+        logits = mask_logits(pixel_embedding, kernels, biases)
         if self.stage == 1:
             absent = logits.new_full((logits.shape[0], NUM_TUMORS, *logits.shape[2:]), ABSENT_LOGIT)
             logits = torch.cat((logits, absent), 1)

@@ -21,7 +21,7 @@ response Stage 2 turns into the anomaly prompt.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +35,14 @@ def conv1x1(in_ch: int, out_ch: int, ndim: int, bias: bool = True) -> nn.Module:
     return (nn.Conv3d if ndim == 3 else nn.Conv2d)(in_ch, out_ch, 1, bias=bias)
 
 
-def mask_logits(pixel_embedding: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+def mask_logits(pixel_embedding: torch.Tensor, kernels: torch.Tensor,
+                biases: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Query–pixel affinity (the inner product of Eq. 9): pixel_embedding (B, Dm, *S) with unit-norm channels,
-    kernels (B, N, Dm) → logits (B, N, *S)."""
+    kernels (B, N, Dm), optional per-query biases (B, N) → logits (B, N, *S)."""
     b, dm = pixel_embedding.shape[:2]
     out = torch.bmm(kernels, pixel_embedding.reshape(b, dm, -1))
+    if biases is not None:
+        out = out + biases.unsqueeze(-1)
     return out.reshape(b, kernels.shape[1], *pixel_embedding.shape[2:])
 
 
