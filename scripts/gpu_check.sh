@@ -25,11 +25,12 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 WHEELS=${GPU_WHEELS:-$REPO/gpu_wheels}
 OUT=${OUT:-$REPO/gpu_check_out}
 PY=${PYTHON:-python3}
-SITE=${DSM_SITE:-/tmp/dsm_gpu_site}
+SCRATCH=${DSM_SCRATCH:-$(mktemp -d "${TMPDIR:-/tmp}/dsm_gpu.XXXXXX")}   # build, stand-ins, results
+SITE=${DSM_SITE:-$SCRATCH/site}
 TOTAL=${GPU_CHECK_SECONDS:-460}   # the whole run; the benchmark part gets what the steps before it leave
 PLATFORM="--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
  --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
-# not on the GPU machine's image (/work/.library/device/KINDS.md): nnU-Net and what it imports
+# not on the GPU machine's image (the device tool's KINDS.md): nnU-Net and what it imports
 WHEEL_PINS="nnunetv2==2.8.1 dynamic-network-architectures==0.4.4 batchgenerators==0.25.5 batchgeneratorsv2==0.3.6
  blosc2==4.14.1 ndindex==1.10.1 numexpr==2.14.2 connected-components-3d==4.1.1 nibabel==5.4.2 pydicom==3.0.2"
 MAMBA_PIN=mamba-ssm==2.3.2.post1
@@ -51,18 +52,18 @@ fi
 mkdir -p "$OUT"
 exec > >(tee "$OUT/run.log") 2>&1
 echo "[gpu_check.sh $(date +%T)] mode $MODE, repo $REPO, wheels $WHEELS, out $OUT"
-STUBS=/tmp/dsm_gpu_stubs
+STUBS=$SCRATCH/stubs
 if [ "$MODE" = "--dry-run" ]; then
   export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
   SDIST=$(ls "$WHEELS"/mamba_ssm-*.tar.gz 2>/dev/null | head -1)
   if [ -n "$SDIST" ]; then
-    $PY -m nnunetv2_dsm.benchmark.mamba_build "$SDIST" --target /tmp/dsm_dry_site --dry-run \
-      --json /tmp/dsm_build.json > "$OUT/build.log" 2>&1 || echo "build plan failed: see build.log"
+    $PY -m nnunetv2_dsm.benchmark.mamba_build "$SDIST" --target "$SCRATCH/dry_site" --dry-run \
+      --json "$SCRATCH/build.json" > "$OUT/build.log" 2>&1 || echo "build plan failed: see build.log"
   else
-    echo '{"error": "dry run: no mamba-ssm sdist in gpu_wheels/ (scripts/gpu_check.sh --fetch)"}' > /tmp/dsm_build.json
+    echo '{"error": "dry run: no mamba-ssm sdist in gpu_wheels/ (scripts/gpu_check.sh --fetch)"}' > "$SCRATCH/build.json"
   fi
   $PY -m nnunetv2_dsm.benchmark.gpu_check --dry-run -o "$OUT" --budget "${GPU_CHECK_BUDGET:-600}" \
-    --build-json /tmp/dsm_build.json
+    --build-json "$SCRATCH/build.json"
   exit $?
 fi
 
@@ -88,11 +89,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 SDIST=$(ls "$WHEELS"/mamba_ssm-*.tar.gz | head -1)
 echo "[gpu_check.sh $(date +%T)] building selective_scan_cuda from $SDIST (log: build.log)"
 $PY -m nnunetv2_dsm.benchmark.mamba_build "$SDIST" --target "$SITE" --trim-init-if-broken \
-  --json /tmp/dsm_build.json > "$OUT/build.log" 2>&1 || echo "BUILD FAILED (tail of build.log below); the check goes on with the PyTorch scan"
+  --json "$SCRATCH/build.json" > "$OUT/build.log" 2>&1 || echo "BUILD FAILED (tail of build.log below); the check goes on with the PyTorch scan"
 tail -n 12 "$OUT/build.log"
 
 # 3. the measurements, in what is left of the time
 LEFT=$(( TOTAL - SECONDS ))
 echo "[gpu_check.sh $(date +%T)] ${SECONDS}s so far; gpu_check with ${LEFT}s left"
-$PY -m nnunetv2_dsm.benchmark.gpu_check -o "$OUT" --build-json /tmp/dsm_build.json --budget $(( LEFT - 10 ))
+$PY -m nnunetv2_dsm.benchmark.gpu_check -o "$OUT" --build-json "$SCRATCH/build.json" --budget $(( LEFT - 10 ))
 echo "[gpu_check.sh $(date +%T)] done in ${SECONDS}s"
