@@ -69,12 +69,40 @@ def test_per_layer_organ_targets_leave_out_annotated_tumors_only():
     assert torch.equal(layer[:, NUM_ORGANS:], target[:, NUM_ORGANS:])   # tumor channels unchanged
 
 
-def test_anomaly_map_is_minus_the_max_organ_response_resized():
-    response = torch.full((1, NUM_ORGANS, 2, 2, 2), 3.0)
-    response[0, :, 0, 0, 0] = -2.0                       # no organ claims this corner
-    a = anomaly_map(response, (4, 4, 4))
+def test_anomaly_map_is_minus_the_max_over_the_trained_organs_tissue_logits():
+    """Eq. 14 at full resolution reads the final organ (tissue) channels, and only the organs the model was
+    trained on: an untrained organ query that answers high at a tumor must not hide it."""
+    logits = torch.full((1, NUM_CLASSES, 4, 4, 4), -5.0)
+    liver, spleen = class_index("Liver") - 1, class_index("Spleen") - 1
+    logits[0, liver] = 3.0
+    logits[0, liver, 0, 0, 0] = -4.0                        # a tumor: the liver's tissue answers low
+    logits[0, spleen, 0, 0, 0] = 6.0                        # an untrained query answers high there
+    trained = torch.zeros(NUM_CLASSES, dtype=torch.bool)
+    trained[liver] = True
+    a = anomaly_map(logits, trained)
     assert a.shape == (1, 1, 4, 4, 4)
-    assert a[0, 0, 0, 0, 0] > a[0, 0, 3, 3, 3] and torch.isclose(a[0, 0, 3, 3, 3], torch.tensor(-3.0))
+    assert a[0, 0, 0, 0, 0] == 4.0 and torch.all(a[0, 0].flatten()[1:] == -3.0)
+    assert anomaly_map(logits)[0, 0, 0, 0, 0] == -6.0        # over every organ query the tumor would be hidden
+
+
+def test_label_table_regions_take_in_single_host_tumors_only():
+    """The network's organ channels are tissue without tumors; the label table's organ region is the union with
+    the tumors of that single host (liver ∪ liver tumor), while a paired host's tumor (kidney) stays out."""
+    from nnunetv2_dsm.network.output import PredictionNetwork, label_table_logits
+    logits = torch.randn(2, NUM_CLASSES, 3, 3, 3)
+    regions = label_table_logits(logits)
+    idx = lambda n: class_index(n) - 1  # noqa: E731
+    torch.testing.assert_close(regions[:, idx("Liver")], torch.maximum(torch.maximum(
+        logits[:, idx("Liver")], logits[:, idx("Liver Tumor")]), logits[:, idx("Hepatic Vessel Tumor")]))
+    for name in ("Right Kidney", "Left Kidney", "Kidney Tumor", "Bladder"):
+        torch.testing.assert_close(regions[:, idx(name)], logits[:, idx(name)])
+    net = tiny_network(stage=2)
+    net.trained_classes[idx("Liver Tumor")] = False          # an untrained tumor query must not paint its host
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        raw, view = net(x).logits, PredictionNetwork(net)(x)
+    torch.testing.assert_close(view[:, idx("Liver")], torch.maximum(raw[:, idx("Liver")],
+                                                                    raw[:, idx("Hepatic Vessel Tumor")]))
 
 
 def test_kmeans_update_and_cosine_run_in_float32_under_autocast():

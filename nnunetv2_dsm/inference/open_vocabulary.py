@@ -6,8 +6,8 @@ weighting, mirroring, fold averaging) computes them alongside the 45 class chann
 * prompt p (a CLIP text embedding t_p): the prompt joins the 45 class prompts in Eq. 20's softmax, so it competes
   with them ("pancreas tumor" vs "Pancreas"); its mask is the mixture of the masks of the trained queries that
   claim it most (weights w_jp = p_j(p) / Σ_i p_i(p) over the queries of classes the model was trained on);
-* anomaly (Eq. 14): −max over the finest kMMM layer's 25 organ-query responses, resized to the patch — high where
-  no organ query responds.
+* anomaly (Eq. 14): −max over the trained organ queries' final full-resolution tissue logits — high where no organ
+  query responds.
 
 It also records, per prompt, how much each query claimed it and their cosine similarity, averaged over every
 forward pass of the case (sliding-window tiles and mirrorings), to report which query answered each prompt.
@@ -17,22 +17,22 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from nnunetv2_dsm.labels import CLASS_NAMES, NUM_ORGANS
 from nnunetv2_dsm.network.alignment import mix_kernels
+from nnunetv2_dsm.network.anomaly import anomaly_score
 from nnunetv2_dsm.network.kmeans_layer import mask_logits
 from nnunetv2_dsm.network.output import DSMOutput
 
 
-def anomaly_map(organ_response: torch.Tensor, size) -> torch.Tensor:
-    """Eq. 14 at full resolution: the finest kMMM layer's organ-query responses (B, 25, *S_l) → (B, 1, *size) =
-    −max over the organs, trilinearly (bilinearly) resized. These responses are trained on organ tissue without
-    tumors (training/loss.py: organ_targets_without_tumors), unlike the final organ masks, which include their
-    tumors and so answered "organ" exactly inside them."""
-    score = -organ_response[:, :NUM_ORGANS].float().amax(dim=1, keepdim=True)
-    mode = "trilinear" if score.ndim == 5 else "bilinear"
-    return F.interpolate(score, size=tuple(size), mode=mode, align_corners=False)
+def anomaly_map(logits: torch.Tensor, trained: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Eq. 14 at full resolution: the final mask logits (B, 45, *S), whose organ channels are organ tissue trained
+    without the tumors (training/loss.py: organ_targets_without_tumors), → (B, 1, *S) = −max over the organs the
+    model was trained on (``trained`` (45,) bool, the network's ``trained_classes``; None: all 25). The label
+    table's organ regions include their tumors and would answer "organ" exactly inside them: they are composed
+    after this (network.output.label_table_logits)."""
+    organs = None if trained is None else trained[:NUM_ORGANS]
+    return anomaly_score(logits[:, :NUM_ORGANS].float(), organs)[:, None]
 
 
 class OpenVocabularyOutputs:
@@ -65,7 +65,7 @@ class OpenVocabularyOutputs:
                                    "tumor queries and no CLIP alignment")
             extra.append(self._prompt_logits(network, output.queries, output.pixel_embedding))
         if self.anomaly:
-            extra.append(anomaly_map(output.layers[0], output.logits.shape[2:]))
+            extra.append(anomaly_map(output.logits, network.trained_classes))
         return torch.cat(extra, 1)
 
     def _prompt_logits(self, network, queries, pixel_embedding):

@@ -11,7 +11,9 @@ prompt-masked cross-attention of the tumor queries (Eq. 19), then organ and tumo
 Class k's mask is query k's mask (index match); the CLIP class-prompt alignment (Eq. 20) learns to name the
 queries, and free-text prompts mix the masks of the trained queries that match them (network/alignment.py).
 
-Output: one structure, :class:`nnunetv2_dsm.network.output.DSMOutput` (class logits (B, 45, *S), the per-layer
+Output: one structure, :class:`nnunetv2_dsm.network.output.DSMOutput` (mask logits (B, 45, *S) whose organ channels
+are organ tissue without the tumors, so that Eq. 14 can read them at full resolution; the label table's regions are
+``output.label_table_logits`` of them; the per-layer
 predictions fine → coarse that the trainer supervises kMaX-style, the final queries and pixel embedding, Eq. 20's
 log-probabilities). nnU-Net's predictor sees it through ``output.PredictionNetwork``.
 """
@@ -104,7 +106,7 @@ class DSMNetwork(nn.Module):
             queries, organ_response, _, pixel_embedding = layer(queries, feat)
             if self.stage == 2:
                 queries, tumor_state, tumor_logits = self.tumor.refine(
-                    queries, tumor_state, feat, organ_response, pixel_embedding)
+                    queries, tumor_state, feat, organ_response, pixel_embedding, self.trained_classes[:NUM_ORGANS])
                 organ_response = torch.cat((organ_response, tumor_logits), 1)
             layers.insert(0, organ_response)                    # fine → coarse
         log_p = None

@@ -18,6 +18,8 @@ from typing import List, Optional, Protocol, Sequence
 import torch
 from torch import nn
 
+from nnunetv2_dsm.labels import TUMOR_HOSTS, class_index
+
 ABSENT_LOGIT = -20.0  # sigmoid(-20) ≈ 2e-9: the answer of a class without a (trained) query
 
 
@@ -25,9 +27,12 @@ ABSENT_LOGIT = -20.0  # sigmoid(-20) ≈ 2e-9: the answer of a class without a (
 class DSMOutput:
     """What ``DSMNetwork.forward`` returns.
 
-    logits                 (B, 45, *S)  class mask logits at the input resolution (sigmoid, multi-label)
+    logits                 (B, 45, *S)  mask logits at the input resolution (sigmoid, multi-label): the 25 organ
+                           channels are organ *tissue* (trained without the organ's annotated tumors, so that Eq. 14
+                           can read them), the 20 tumor channels the tumors; :func:`label_table_logits` turns them
+                           into the label table's regions (an organ includes its tumors)
     layers                 [(B, 25 [+ 20], *S_l)]  each kMMM layer's organ [and tumor] responses, fine → coarse
-                           (the deep-supervision predictions; layers[0] is the finest, Eq. 14 reads its organs)
+                           (the deep-supervision predictions; each layer's organs feed its anomaly prompt, Eq. 14–15)
     queries                (B, N, D)    the final organ [and tumor] queries
     pixel_embedding        (B, Dp, *S)  the unit-norm final pixel embedding (mask_j = <embedding, kernel_j> + b_j)
     query_class_log_probs  (B, N, 45)   Eq. 20's log p_j(k) (Stage 2), else None
@@ -50,6 +55,23 @@ class InferenceHead(Protocol):
     def __call__(self, network: nn.Module, output: DSMOutput) -> torch.Tensor: ...
 
 
+# (host, tumor) channel pairs, 0-based, of the tumors with a single host organ: the label table counts such a tumor's
+# voxels for its host ("tumor inside that host"). A tumor of a paired organ is written "host not encoded"
+# (labels.regions_class_order), so it is counted for neither side.
+SINGLE_HOST_TUMORS = tuple((class_index(hosts[0]) - 1, class_index(tumor) - 1)
+                           for tumor, hosts in TUMOR_HOSTS.items() if len(hosts) == 1)
+
+
+def label_table_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Organ tissue → the label table's organ regions: logits (B, 45, *S) → (B, 45, *S) where organ h becomes
+    max(tissue_h, tumor_t for every tumor t whose single host is h) (sigmoid is monotone: the union of the two
+    masks); tumor channels and the organs of paired hosts are unchanged."""
+    regions = logits.clone()
+    for host, tumor in SINGLE_HOST_TUMORS:
+        regions[:, host] = torch.maximum(regions[:, host], logits[:, tumor])
+    return regions
+
+
 def mask_untrained_classes(logits: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
     """logits (B, 45, *S), trained (45,) bool → logits with every untrained class at ABSENT_LOGIT."""
     if bool(trained.all()):
@@ -62,7 +84,8 @@ class PredictionNetwork(nn.Module):
     """nnU-Net's predictor's view of a DSM network: ``forward(x) -> (B, 45 + Σ head channels, *S)``.
 
     The classes no training case annotated (the network's ``trained_classes`` record) answer ABSENT_LOGIT: their
-    queries never had a loss, and their masks would overwrite trained organs in nnU-Net's label map. ``heads`` add
+    queries never had a loss, and their masks would overwrite trained organs in nnU-Net's label map. The organ
+    channels then take in their tumors (:func:`label_table_logits`), as the label table defines them. ``heads`` add
     channels after the classes (``nnunetv2_dsm.inference.open_vocabulary``). ``state_dict``/``load_state_dict``
     are the DSM network's own, so nnU-Net's checkpoints and fold switching work unchanged."""
 
@@ -77,7 +100,7 @@ class PredictionNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.network(x)
-        logits = mask_untrained_classes(out.logits, self.network.trained_classes)
+        logits = label_table_logits(mask_untrained_classes(out.logits, self.network.trained_classes))
         extra = [head(self.network, out).to(logits.dtype) for head in self.heads]
         return torch.cat([logits, *extra], 1) if extra else logits
 

@@ -18,7 +18,7 @@ describe.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -63,11 +63,12 @@ class TumorQueryRefinement(nn.Module):
         return {"queries": self.queries.expand(batch_size, -1, -1), "guide": None, "layer": 0}
 
     def refine(self, organ_queries: torch.Tensor, state: Dict, features: torch.Tensor,
-               organ_response: torch.Tensor, pixel_embedding: torch.Tensor):
+               organ_response: torch.Tensor, pixel_embedding: torch.Tensor, organs: Optional[torch.Tensor] = None):
         """One scale: organ queries (B, No, D), features (B, C, *S), organ responses (B, No, *S), that layer's
-        unit pixel embedding (B, Dm, *S) → (organ queries, new state, tumor logits (B, Nt, *S))."""
+        unit pixel embedding (B, Dm, *S), the trained organs (No,) bool (Eq. 14 reads only their responses; None:
+        all) → (organ queries, new state, tumor logits (B, Nt, *S))."""
         i = state["layer"]
-        _, attend = anomaly_prompt(organ_response)
+        _, attend = anomaly_prompt(organ_response, organs=organs)
         guide = features if state["guide"] is None else state["guide"]
         enhanced = self.diffusion[i](features, guide)
         tumor = self.cross_attention[i](state["queries"], enhanced, attend)

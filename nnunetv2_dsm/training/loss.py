@@ -56,12 +56,13 @@ def alignment_loss(query_class_log_probs: torch.Tensor) -> torch.Tensor:
 
 
 def organ_targets_without_tumors(target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
-    """Per-layer targets for Eq. 14: target (B, 45, *S) multi-hot, annotated (B, 45) bool → the same target with
+    """Organ-tissue targets for Eq. 14: target (B, 45, *S) multi-hot, annotated (B, 45) bool → the same target with
     every voxel of an annotated tumor removed from the 25 organ channels (the tumor channels are unchanged).
 
-    The final organ masks include their tumors (the label table says so), but the per-layer organ responses are
-    what the anomaly score −max R reads (Eq. 14): trained to claim tumor voxels, they made it lowest exactly
-    inside the tumors (liver-tumor AUROC 0.04 in the demo). Here the layers learn organ tissue without tumors."""
+    The organ responses are what the anomaly score −max R reads (Eq. 14): trained to claim tumor voxels, they made
+    it lowest exactly inside the tumors (liver-tumor AUROC 0.04 in the demo). Every output (the final masks and each
+    kMMM layer) learns organ tissue without tumors; the label table's organ regions, which include their tumors,
+    are composed at prediction (``network.output.label_table_logits``)."""
     tumor = target[:, NUM_ORGANS:] * annotated[:, NUM_ORGANS:target.shape[1]].reshape(
         *annotated.shape[:1], -1, *[1] * (target.ndim - 2)).to(target.dtype)
     tumor_any = tumor.amax(dim=1, keepdim=True) > 0
@@ -83,7 +84,7 @@ class DSMLoss(nn.Module):
     ``targets``: one (B, 45, *S) multi-hot target per deep-supervision scale (nnU-Net's list), or a single tensor for
     the final logits only. The classes each case annotates, (B, 45) bool, are ``annotated`` or, when that is None,
     the ``annotated`` attribute the trainer sets for every batch (so nnU-Net's own ``train_step`` calls the loss
-    unchanged). The layer outputs are supervised with :func:`organ_targets_without_tumors`. ``normalizer``: see
+    unchanged). Every output is supervised with :func:`organ_targets_without_tumors`. ``normalizer``: see
     :func:`partial_label_dice_bce` (the trainers pass the global one under DDP)."""
 
     def __init__(self, n_outputs: int, alignment_weight: float = 1.0, smooth: float = 1e-5,
@@ -104,9 +105,9 @@ class DSMLoss(nn.Module):
         targets = [targets] if isinstance(targets, torch.Tensor) else list(targets)
         predictions = output.predictions()[:len(targets)]
         weights = self.weights if len(predictions) == len(self.weights) else deep_supervision_weights(len(predictions))
-        layer_targets = [t if i == 0 else organ_targets_without_tumors(t, annotated) for i, t in enumerate(targets)]
+        tissue_targets = [organ_targets_without_tumors(t, annotated) for t in targets]
         loss = sum(w * partial_label_dice_bce(o, t, annotated, self.smooth, self.normalizer)
-                   for w, o, t in zip(weights, predictions, layer_targets))
+                   for w, o, t in zip(weights, predictions, tissue_targets))
         if output.query_class_log_probs is not None and self.alignment_weight:
             log_p = output.query_class_log_probs
             align = alignment_loss(log_p)             # a mean over this rank's (case, query) pairs

@@ -31,7 +31,7 @@ from nnunetv2_dsm.labels import CLASS_NAMES, NUM_CLASSES, NUM_ORGANS, ORGAN_NAME
 from nnunetv2_dsm.manifest import load_manifest
 from nnunetv2_dsm.network.backbone import PlansError, build_unet_features, kmmm_stage_indices, stage_scales
 from nnunetv2_dsm.network.dsm import DSMArchitecture, DSMNetwork
-from nnunetv2_dsm.network.output import PredictionNetwork
+from nnunetv2_dsm.network.output import PredictionNetwork, label_table_logits
 from nnunetv2_dsm.network.ssm_backend import backend_description
 from nnunetv2_dsm.training.distributed import global_pair_normalizer
 from nnunetv2_dsm.training.loss import DSMLoss, masked_tp_fp_fn
@@ -175,8 +175,9 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
         return super().train_step(batch)
 
     def validation_step(self, batch: dict) -> dict:
-        """Loss and hard tp/fp/fn of the final masks, counted only on the classes each case annotates (nnU-Net's
-        pseudo-Dice would count every unannotated class a case shows as a false positive)."""
+        """Loss and hard tp/fp/fn of the final masks (the label table's regions: organs with their tumors), counted
+        only on the classes each case annotates (nnU-Net's pseudo-Dice would count every unannotated class a case
+        shows as a false positive)."""
         annotated = self.loss.annotated = self.annotated_classes(batch["keys"])
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
@@ -185,7 +186,8 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
         with torch.no_grad(), (autocast(self.device.type) if self.device.type == "cuda" else dummy_context()):
             output = self.network(data)
             loss = self.loss(output, target)
-        tp, fp, fn = masked_tp_fp_fn(output.logits, target[0] if isinstance(target, list) else target, annotated)
+        tp, fp, fn = masked_tp_fp_fn(label_table_logits(output.logits),
+                                     target[0] if isinstance(target, list) else target, annotated)
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
 
     # ---- final validation ----------------------------------------------------------------------------------------
