@@ -11,6 +11,7 @@ from nnunetv2_dsm.inference.open_vocabulary import anomaly_map
 from nnunetv2_dsm.labels import CLASS_NAMES, NUM_CLASSES, NUM_ORGANS, class_index
 from nnunetv2_dsm.network.alignment import class_mixing_weights, cosine_similarity
 from nnunetv2_dsm.network.kmeans_layer import kmeans_update
+from nnunetv2_dsm.network.output import PredictionNetwork, label_table_logits
 from nnunetv2_dsm.training.loss import alignment_loss, organ_targets_without_tumors
 from nnunetv2_dsm.training.nnUNetTrainerDSMBase import left_right_axis
 from nnunetv2_dsm.training.nnUNetTrainerDSMStage1 import nnUNetTrainerDSMStage1
@@ -88,7 +89,6 @@ def test_anomaly_map_is_minus_the_max_over_the_trained_organs_tissue_logits():
 def test_label_table_regions_take_in_single_host_tumors_only():
     """The network's organ channels are tissue without tumors; the label table's organ region is the union with
     the tumors of that single host (liver ∪ liver tumor), while a paired host's tumor (kidney) stays out."""
-    from nnunetv2_dsm.network.output import PredictionNetwork, label_table_logits
     logits = torch.randn(2, NUM_CLASSES, 3, 3, 3)
     regions = label_table_logits(logits)
     idx = lambda n: class_index(n) - 1  # noqa: E731
