@@ -13,8 +13,9 @@ import pytest
 from nnunetv2_dsm.accuracy.baselines import SweepRun, choose_lr, region_labels, write_baseline_dataset
 from nnunetv2_dsm.accuracy.budget import Budget, exact_schedule, schedule_for
 from nnunetv2_dsm.accuracy.report import build_json, write_json, write_markdown
-from nnunetv2_dsm.accuracy.schedule import format_schedule, parse_schedule
+from nnunetv2_dsm.accuracy.schedule import SEED_ENV, format_schedule, parse_schedule, parse_seed
 from nnunetv2_dsm.accuracy.scoring import ScoringInputs, lateral_swaps, score
+from nnunetv2_dsm.accuracy.trainers import ScheduleMixin
 from nnunetv2_dsm.demo.sources import expected_multi_hot, write_source
 from nnunetv2_dsm.labels import NUM_CLASSES, class_index, decode, encode, region_values, tumor_label
 from nnunetv2_dsm.phantom import make_case, restrict_to_annotated, write_nifti
@@ -46,6 +47,51 @@ def test_schedule_variable_round_trip():
     for bad in ("3", "0,10", "3,10,-1", "a,b"):
         with pytest.raises(ValueError):
             parse_schedule(bad)
+
+
+class _NoParent:
+    """Stands in for the trainer below ScheduleMixin (nnU-Net's __init__ needs a planned dataset)."""
+    initial_lr = 1e-2
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+
+class _SeededTrainer(ScheduleMixin, _NoParent):
+    pass
+
+
+def _draws_after_building(monkeypatch, seed):
+    import random
+
+    import torch
+    if seed is None:
+        monkeypatch.delenv(SEED_ENV, raising=False)
+    else:
+        monkeypatch.setenv(SEED_ENV, str(seed))
+    trainer = _SeededTrainer({}, "3d_fullres", 0, {}, None)
+    conv = torch.nn.Conv3d(1, 2, 3)                      # a network initialised after the trainer was built
+    return trainer.training_seed, (conv.weight.detach().clone(), np.random.rand(4), random.random())
+
+
+def _same(a, b) -> bool:
+    return bool((a[0] == b[0]).all()) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_the_seed_variable_makes_the_trainers_draws_repeatable(monkeypatch, tmp_path):
+    from nnunetv2_dsm.accuracy.runner import AccuracyRun
+    seed, first = _draws_after_building(monkeypatch, 3)
+    _, again = _draws_after_building(monkeypatch, 3)
+    _, other = _draws_after_building(monkeypatch, 4)
+    assert seed == 3 and _same(first, again) and not _same(first, other)
+    unseeded, a = _draws_after_building(monkeypatch, None)
+    _, b = _draws_after_building(monkeypatch, None)
+    assert unseeded is None and not _same(a, b)          # unset: nothing is reset (nnU-Net's behaviour)
+    assert AccuracyRun(tmp_path / "out", seed=7, echo=lambda s: None).env()[SEED_ENV] == "7"
+    assert parse_seed(" 12 ") == 12
+    for bad in ("-1", "x", "1.5", ""):
+        with pytest.raises(ValueError, match=SEED_ENV):
+            parse_seed(bad)
 
 
 # ---------------------------------------------------------------------------------------------------- baselines

@@ -23,7 +23,7 @@ from nnunetv2_dsm.accuracy.baselines import (BASELINE_SOURCES, BASELINE_TRAINER,
 from nnunetv2_dsm.accuracy.budget import Budget, Schedule
 from nnunetv2_dsm.demo.pipeline import CONFIG, DATASET_ID, FOLD, PRESETS, PROMPT_SLUG, Demo, Preset, Step
 from nnunetv2_dsm.demo.sources import HELD_OUT_CLASS, SOURCES, write_source
-from nnunetv2_dsm.accuracy.schedule import SCHEDULE_ENV
+from nnunetv2_dsm.accuracy.schedule import SCHEDULE_ENV, SEED_ENV
 
 STAGE1_TRAINER, STAGE2_TRAINER = "nnUNetTrainerDSMStage1_accuracy", "nnUNetTrainerDSMStage2_accuracy"
 DSM_STEPS = ("stage1", "embed", "stage2", "predict", "predict_stage1", "report")
@@ -62,6 +62,10 @@ class AccuracyRun(Demo):
         self.sweep_sources = tuple(s for s in BASELINE_SOURCES if s in self.sweep_sources)
         self.base = self.output / "baselines"
         self.pred1, self.pred_nnunet = self.output / "predictions_stage1", self.output / "predictions_nnunet"
+
+    def env(self, **extra: str) -> Dict[str, str]:
+        """The demo's subprocess environment plus the training seed (``--seed``) of the benchmark's trainers."""
+        return super().env(**{SEED_ENV: str(self.seed), **extra})
 
     # ---- steps ---------------------------------------------------------------------------------------------------
     def steps(self) -> List[Step]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 SCHEDULE_ENV = "nnUNet_dsm_accuracy_schedule"
+SEED_ENV = "nnUNet_dsm_accuracy_seed"     # the training seed the benchmark gives its trainers (its --seed)
 
 
 def parse_schedule(text: str) -> Tuple[int, int, Optional[float]]:
@@ -22,3 +23,28 @@ def parse_schedule(text: str) -> Tuple[int, int, Optional[float]]:
 def format_schedule(epochs: int, iterations: int, lr: Optional[float] = None) -> str:
     """The inverse of :func:`parse_schedule`."""
     return f"{epochs},{iterations}" + ("" if lr is None else f",{lr:g}")
+
+
+def parse_seed(text: str) -> int:
+    """``$nnUNet_dsm_accuracy_seed`` -> a seed >= 0 (ValueError if it is not a non-negative integer)."""
+    try:
+        seed = int(text.strip())
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise ValueError(f"{SEED_ENV}={text!r}: expected a non-negative integer")
+    return seed
+
+
+def seed_training(seed: int) -> None:
+    """Seeds every generator a CPU training draws from: torch (network initialisation), numpy (nnU-Net's data
+    loader picks cases and patch positions with the global numpy generator) and Python's ``random``. With
+    single-process data loading (``nnUNet_n_proc_DA=0``, as the benchmark runs) the training is then a function of
+    the seed and the data."""
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -17,6 +17,12 @@ Schedule variable (read when the trainer is built; the trainer writes what it us
 e.g. ``"13,10,0.03"``. Unset, each class keeps its defaults (the baseline's above, the demo trainers' own). The
 benchmark sets it per run, so one trainer name serves every budget and every learning rate of the sweep (each
 sweep run gets its own ``nnUNet_results`` folder). Only these accuracy trainers read it.
+
+Seed variable: ``nnUNet_dsm_accuracy_seed=N`` seeds torch, numpy and ``random`` when the trainer is built (before
+nnU-Net initialises the network and the data loaders), so that a benchmark run is repeatable and a change can be
+compared with its predecessor without run-to-run noise; the benchmark sets it to its ``--seed``. nnU-Net itself
+seeds nothing. A training resumed with ``--c`` is not re-seeded where it stopped (it continues from the
+checkpoint with a fresh draw).
 """
 from __future__ import annotations
 
@@ -25,13 +31,14 @@ import os
 import torch
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
-from nnunetv2_dsm.accuracy.schedule import SCHEDULE_ENV, parse_schedule
+from nnunetv2_dsm.accuracy.schedule import SCHEDULE_ENV, SEED_ENV, parse_schedule, parse_seed, seed_training
 from nnunetv2_dsm.training.nnUNetTrainerDSM_demo import nnUNetTrainerDSMStage1_demo, nnUNetTrainerDSMStage2_demo
 
 
 class ScheduleMixin:
     """Applies ``$nnUNet_dsm_accuracy_schedule`` after the trainer's own ``__init__`` (one validation iteration per
-    epoch; a checkpoint every 5 epochs so that an interrupted run resumes with ``--c``)."""
+    epoch; a checkpoint every 5 epochs so that an interrupted run resumes with ``--c``), and
+    ``$nnUNet_dsm_accuracy_seed`` if set."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -45,6 +52,10 @@ class ScheduleMixin:
             self.schedule_source = f"{SCHEDULE_ENV}={text}"
         self.num_val_iterations_per_epoch = 1
         self.save_every = 5
+        seed_text = os.environ.get(SEED_ENV, "").strip()
+        self.training_seed = parse_seed(seed_text) if seed_text else None
+        if self.training_seed is not None:
+            seed_training(self.training_seed)
 
     def set_default_schedule(self) -> None:
         """Class defaults before the variable is applied (the DSM variants keep their parents' settings)."""
@@ -52,7 +63,8 @@ class ScheduleMixin:
     def on_train_start(self):
         super().on_train_start()
         self.print_to_log_file(f"Accuracy-benchmark schedule ({self.schedule_source}): {self.num_epochs} epochs x "
-                               f"{self.num_iterations_per_epoch} iterations, initial lr {self.initial_lr:g}")
+                               f"{self.num_iterations_per_epoch} iterations, initial lr {self.initial_lr:g}, training seed "
+                               f"{'none (unseeded)' if self.training_seed is None else self.training_seed}")
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """Skipped: with fold ``all`` nnU-Net's final validation predicts the training cases again, which the
