@@ -21,8 +21,8 @@ sweep run gets its own ``nnUNet_results`` folder). Only these accuracy trainers 
 Seed variable: ``nnUNet_dsm_accuracy_seed=N`` seeds torch, numpy and ``random`` when the trainer is built (before
 nnU-Net initialises the network and the data loaders), so that a benchmark run is repeatable and a change can be
 compared with its predecessor without run-to-run noise; the benchmark sets it to its ``--seed``. nnU-Net itself
-seeds nothing. A training resumed with ``--c`` is not re-seeded where it stopped (it continues from the
-checkpoint with a fresh draw).
+seeds nothing. A training resumed with ``--c`` is seeded again from the start of the seed's sequence, not from
+where it stopped, so it is not identical to an uninterrupted run.
 """
 from __future__ import annotations
 
