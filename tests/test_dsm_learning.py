@@ -135,3 +135,27 @@ def test_dsm_trainers_never_mirror_left_right(transpose, patch):
     lateral = left_right_axis(transpose, len(patch))
     assert lateral not in (mirror or ()) and trainer.inference_allowed_mirroring_axes == mirror
     assert len(mirror) == len(patch) - 1                 # the other axes are still mirrored
+
+
+def test_mask_kernels_ignore_a_shift_shared_by_every_query():
+    """The decoder's shared residual updates collapsed the queries onto one common vector (final kernels of all
+    organs but the liver at cosine 1.00 after the benchmark's Stage 1): the final kernels and every kMMM layer's
+    responses must not change when the same vector is added to every organ (resp. tumor) query, and kernels of
+    distinct queries stay distinct however large that shared vector is."""
+    torch.manual_seed(0)
+    net = tiny_network(stage=2)
+    queries = torch.randn(2, NUM_CLASSES, net.arch.dim)
+    shift = torch.zeros_like(queries)
+    shift[:, :NUM_ORGANS] = 50 * torch.randn(2, 1, net.arch.dim)
+    shift[:, NUM_ORGANS:] = 50 * torch.randn(2, 1, net.arch.dim)
+    with torch.no_grad():
+        k0, _ = net.query_kernels(queries)
+        k1, _ = net.query_kernels(queries + shift)
+        layer = net.kmmm[0]
+        pixel = torch.randn(2, layer.pixel_embed.in_channels, 4, 4, 4)
+        r0, _ = layer.response(queries[:, :NUM_ORGANS], pixel)
+        r1, _ = layer.response(queries[:, :NUM_ORGANS] + shift[:, :NUM_ORGANS], pixel)
+    torch.testing.assert_close(k1, k0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(r1, r0, rtol=1e-4, atol=1e-4)
+    kn = F.normalize(k1[0, :NUM_ORGANS], dim=1)
+    assert (kn @ kn.T - torch.eye(NUM_ORGANS)).abs().max() < 0.9

@@ -29,7 +29,7 @@ from torch import nn
 from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS, NUM_TUMORS
 from nnunetv2_dsm.network.alignment import ClassPromptAlignment
 from nnunetv2_dsm.network.backbone import UNetFeatures, kmmm_stage_indices
-from nnunetv2_dsm.network.kmeans_layer import KMeansMaskMambaLayer, conv1x1, mask_logits
+from nnunetv2_dsm.network.kmeans_layer import KMeansMaskMambaLayer, centre_queries, conv1x1, mask_logits
 from nnunetv2_dsm.network.output import ABSENT_LOGIT, DSMOutput
 
 @dataclass(frozen=True)
@@ -92,9 +92,11 @@ class DSMNetwork(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def query_kernels(self, queries: torch.Tensor):
-        """Final mask kernels (B, N, Dp) and biases (B, N) of the queries: mask_j = <pixel embedding, kernel_j> + b_j."""
-        h = self.final_norm(queries)
-        return self.final_kernel(h), self.final_bias(h)[..., 0]
+        """Final mask kernels (B, N, Dp) and biases (B, N) of the queries: mask_j = <pixel embedding, kernel_j> + b_j.
+        The kernels read the queries centred within their group (organs, tumors: ``centre_queries``), the biases the
+        queries themselves."""
+        kernel_in = self.final_norm(centre_queries(queries, NUM_ORGANS))
+        return self.final_kernel(kernel_in), self.final_bias(self.final_norm(queries))[..., 0]
 
     def forward(self, x: torch.Tensor) -> DSMOutput:
         """x (B, C, *S) → :class:`DSMOutput`."""
