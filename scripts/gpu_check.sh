@@ -14,6 +14,8 @@
 #                                       (d) sliding-window prediction of a 300×512×512 CT vs nnU-Net,
 #                                       (e) nnUNet_compile=1: Stage 2 under torch.compile, no recompiling
 #   scripts/gpu_check.sh --dry-run   any CPU machine, in the project's venv: the same steps at toy sizes, no build
+#   GPU_CHECK_ONLY="compile bench_torch" scripts/gpu_check.sh   those sections only (no kernel build unless
+#                                    kernels, train_step or bench_kernel is named); GPU_CHECK_SECONDS: the time
 #
 # Results in $OUT: gpu_check.md / gpu_check.json (all figures and the issue's targets), build.log, run.log,
 # kernel/benchmark.{md,json}, torch/benchmark.{md,json}. SimpleITK (53 MB) is not carried: if it does not import,
@@ -62,8 +64,9 @@ if [ "$MODE" = "--dry-run" ]; then
   else
     echo '{"error": "dry run: no mamba-ssm sdist in gpu_wheels/ (scripts/gpu_check.sh --fetch)"}' > "$SCRATCH/build.json"
   fi
+  # shellcheck disable=SC2086
   $PY -m nnunetv2_dsm.benchmark.gpu_check --dry-run -o "$OUT" --budget "${GPU_CHECK_BUDGET:-600}" \
-    --build-json "$SCRATCH/build.json"
+    --build-json "$SCRATCH/build.json" ${GPU_CHECK_ONLY:+--only $GPU_CHECK_ONLY}
   exit $?
 fi
 
@@ -85,15 +88,21 @@ $PY -c "import torch, nnunetv2, nnunetv2_dsm.nnunet_ext.nnunetv2_dsm_trainers; p
   || echo "WARNING: nnU-Net or the DSM trainers do not import (see above): (b)-(e) will fail; the build and (a) go on"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-# 2. the kernels, for this GPU only
-SDIST=$(ls "$WHEELS"/mamba_ssm-*.tar.gz | head -1)
-echo "[gpu_check.sh $(date +%T)] building selective_scan_cuda from $SDIST (log: build.log)"
-$PY -m nnunetv2_dsm.benchmark.mamba_build "$SDIST" --target "$SITE" --trim-init-if-broken \
-  --json "$SCRATCH/build.json" > "$OUT/build.log" 2>&1 || echo "BUILD FAILED (tail of build.log below); the check goes on with the PyTorch scan"
-tail -n 12 "$OUT/build.log"
+# 2. the kernels, for this GPU only (not when $GPU_CHECK_ONLY names only sections that run the PyTorch scan)
+case " ${GPU_CHECK_ONLY:-kernels} " in
+  *" kernels "*|*" train_step "*|*" bench_kernel "*)
+    SDIST=$(ls "$WHEELS"/mamba_ssm-*.tar.gz | head -1)
+    echo "[gpu_check.sh $(date +%T)] building selective_scan_cuda from $SDIST (log: build.log)"
+    $PY -m nnunetv2_dsm.benchmark.mamba_build "$SDIST" --target "$SITE" --trim-init-if-broken \
+      --json "$SCRATCH/build.json" > "$OUT/build.log" 2>&1 || echo "BUILD FAILED (tail of build.log below); the check goes on with the PyTorch scan"
+    tail -n 12 "$OUT/build.log";;
+  *) echo '{"skipped": "GPU_CHECK_ONLY='"${GPU_CHECK_ONLY}"' needs no kernels"}' > "$SCRATCH/build.json";;
+esac
 
 # 3. the measurements, in what is left of the time
 LEFT=$(( TOTAL - SECONDS ))
 echo "[gpu_check.sh $(date +%T)] ${SECONDS}s so far; gpu_check with ${LEFT}s left"
-$PY -m nnunetv2_dsm.benchmark.gpu_check -o "$OUT" --build-json "$SCRATCH/build.json" --budget $(( LEFT - 10 ))
+# shellcheck disable=SC2086
+$PY -m nnunetv2_dsm.benchmark.gpu_check -o "$OUT" --build-json "$SCRATCH/build.json" --budget $(( LEFT - 10 )) \
+  ${GPU_CHECK_ONLY:+--only $GPU_CHECK_ONLY}
 echo "[gpu_check.sh $(date +%T)] done in ${SECONDS}s"

@@ -77,3 +77,24 @@ def test_report_ratios_and_targets():
     torch_rows = [line for line in md if "PyTorch scan; ran: mamba_ssm" in line]
     assert len(kernel_rows) == 3 and all(line.endswith("| PASS |") for line in kernel_rows)
     assert len(torch_rows) == 3 and all(line.endswith("| FAIL |") for line in torch_rows)  # 1.4×, 1.4×, 61 s
+
+
+def test_only_runs_the_named_sections_and_gives_them_the_whole_budget(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(gpu_check, "check_kernels", lambda *a, **k: calls.append(("kernels",)) or {})
+    monkeypatch.setattr(gpu_check, "check_train_step", lambda *a, **k: calls.append(("train_step",)) or {})
+    monkeypatch.setattr(gpu_check, "run_compile_check",
+                        lambda device, patch, timeout: calls.append(("compile", timeout)) or {"pass": True})
+    monkeypatch.setattr(gpu_check, "run_benchmark",
+                        lambda out, name, sections, args, timeout: calls.append((name, timeout)) or {})
+    gpu_check.main(["--dry-run", "-o", str(tmp_path / "a"), "--only", "compile", "--budget", "100"])
+    assert [c[0] for c in calls] == ["compile"] and 90 < calls[0][1] <= 95   # alone: all of the budget
+    saved = json.loads((tmp_path / "a" / "gpu_check.json").read_text())
+    assert saved["sections"] == ["compile"] and "compile" in saved and "kernels" not in saved
+    calls.clear()
+    gpu_check.main(["--dry-run", "-o", str(tmp_path / "b"), "--budget", "1000"])
+    assert [c[0] for c in calls] == ["kernels", "train_step", "auto", "compile", "torch"]
+    timeouts = dict((c[0], c[1]) for c in calls if len(c) == 2)
+    assert 590 < timeouts["auto"] <= 600 and timeouts["compile"] <= 180   # shares when later sections follow
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--dry-run", "-o", str(tmp_path / "c"), "--only", "bogus"])

@@ -38,6 +38,7 @@ from nnunetv2_dsm.io_utils import atomic_save_json, atomic_write_text
 from nnunetv2_dsm.network import ssm_backend
 
 BACKEND_ENV = ssm_backend.BACKEND_ENV
+SECTIONS = ("kernels", "train_step", "bench_kernel", "compile", "bench_torch")  # the order they run in
 
 
 def log(msg: str) -> None:
@@ -307,6 +308,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                    help="seconds for this whole run (default 400): the subprocesses after (a) and (b) (the kernel "
                         "benchmark, the compile check, the PyTorch-scan benchmark) share what (a) and (b) leave")
     p.add_argument("--build-json", help="the build step's result (JSON) to include in the report")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="run these sections only (default: all, in this order); the time shares of --budget apply "
+                        "among the chosen subprocess sections, so e.g. `--only compile` gives the compile check "
+                        "all of it")
     p.add_argument("--compile-only", nargs="+", metavar=("DEVICE", "PATCH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.compile_only:  # the subprocess of run_compile_check
@@ -333,23 +338,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         atomic_save_json(os.path.join(args.out, "gpu_check.json"), res, default=str)
         atomic_write_text(os.path.join(args.out, "gpu_check.md"), render_markdown(res))
 
-    guarded(res, "kernels", lambda: check_kernels(device, lengths, args.dry_run))
-    save()
-    guarded(res, "train_step", lambda: check_train_step(device, patch, batch, tiny=args.dry_run))
-    save()
+    res["sections"] = list(args.only)
     common = ["--device", device.type, "--patch", *map(str, patch), "--batch-size", str(batch),
               "--volume", *map(str, volume), "--reps", "1" if args.dry_run else "3", "--warmup", "1",
               "--predict-reps", "1"] + (["--tiny", "--threads", "1"] if args.dry_run else [])
     deadline = started + args.budget  # priorities: (c)+(d) with the kernels, the compile check, (c) with torch
-    guarded(res, "bench_kernel", lambda: run_benchmark(os.path.join(args.out, "kernel"), "auto",
-                                                       ["memory", "step", "predict"], common,
-                                                       (deadline - time.time()) * 0.6))
-    save()
-    guarded(res, "compile", lambda: run_compile_check(device, [32, 64, 64] if args.dry_run else [64, 128, 128],
-                                                      min(180.0, (deadline - time.time()) * 0.5)))
-    save()
-    guarded(res, "bench_torch", lambda: run_benchmark(os.path.join(args.out, "torch"), "torch",
-                                                      ["memory", "step"], common, deadline - time.time() - 5))
+    later = lambda key: any(k in args.only for k in SECTIONS[SECTIONS.index(key) + 1:])  # noqa: E731
+    runs = {"kernels": lambda: check_kernels(device, lengths, args.dry_run),
+            "train_step": lambda: check_train_step(device, patch, batch, tiny=args.dry_run),
+            "bench_kernel": lambda: run_benchmark(os.path.join(args.out, "kernel"), "auto",
+                                                  ["memory", "step", "predict"], common,
+                                                  (deadline - time.time()) * (0.6 if later("bench_kernel") else 1)
+                                                  - (0 if later("bench_kernel") else 5)),
+            "compile": lambda: run_compile_check(device, [32, 64, 64] if args.dry_run else [64, 128, 128],
+                                                 min(180.0, (deadline - time.time()) * 0.5)
+                                                 if later("compile") else deadline - time.time() - 5),
+            "bench_torch": lambda: run_benchmark(os.path.join(args.out, "torch"), "torch", ["memory", "step"],
+                                                 common, deadline - time.time() - 5)}
+    for key in SECTIONS:
+        if key in args.only:
+            guarded(res, key, runs[key])
+            save()
     res["wall_seconds"] = round(time.time() - started, 1)
     save()
     print(render_markdown(res), flush=True)

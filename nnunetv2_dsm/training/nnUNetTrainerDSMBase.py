@@ -99,7 +99,13 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
     def _do_i_compile(self):
         # torch.compile only on explicit request (nnU-Net compiles by default) and on CUDA. The selective scan is
         # kept out of the graph (ssm_backend.run_scan), so the network compiles once, then runs without recompiling
-        return self.device.type == "cuda" and os.environ.get("nnUNet_compile", "").lower() in ("1", "true", "t")
+        wanted = self.device.type == "cuda" and os.environ.get("nnUNet_compile", "").lower() in ("1", "true", "t")
+        if wanted:
+            self.print_to_log_file(
+                "nnUNet_compile=1: the first training step compiles the DSM network with Inductor, one graph per "
+                "kMMM layer scale; on an H200 a narrow Stage 2 network had not finished compiling after 196 s "
+                "(docs/performance.md, GPU). Unset nnUNet_compile to train uncompiled.")
+        return wanted
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """nnU-Net's settings without mirroring along the patient's left–right axis, in augmentation and at test
