@@ -235,6 +235,9 @@ def test_runner_order_puts_dsm_last_and_rerun_dsm_keeps_the_baselines(tmp_path):
     assert run.state["steps"]["probe"]["cpu_seconds"] > 0
     other = AccuracyRun(tmp_path / "out", seed=2, echo=lambda s: None)      # another seed's folder: untouched
     assert max(names.index(n) for n in names if "nnunet" in n) < min(names.index(n) for n in DSM_STEPS)
+    dsm_only = [s.name for s in AccuracyRun(tmp_path / "d", seed=1, dsm_only=True, echo=lambda s: None).steps()]
+    assert dsm_only == [n for n in names if not n.startswith(("baseline", "sweep", "nnunet", "predict_nnunet"))]
+    assert set(DSM_STEPS) <= set(dsm_only) and len(dsm_only) < len(names)
     state = {"preset": run.preset.name, "steps": {n: {"status": "done", "key": ""} for n in names}}
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / run.state_file).write_text(json.dumps(state))

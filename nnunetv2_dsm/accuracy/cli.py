@@ -34,6 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rerun-dsm", action="store_true",
                    help="retrain and re-score DSM in an existing OUT (after a change to DSM), keeping the data and the "
                         "nnU-Net baselines; copy OUT first to keep the previous accuracy.json")
+    p.add_argument("--dsm-only", action="store_true",
+                   help="the data and DSM only, no nnU-Net baseline (their columns stay empty): for comparing DSM "
+                        "changes; a full run is needed for the baseline comparison")
     p.add_argument("--keep-going", action="store_true", help="after a failed step, still try the later ones")
     p.add_argument("-device", default="cpu", choices=["cpu", "cuda", "mps"], help="default cpu")
     return p
@@ -46,7 +49,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from nnunetv2_dsm.accuracy.runner import AccuracyRun
     run = AccuracyRun(a.output, clip_weights=a.clip_weights, keep_going=a.keep_going, device=a.device,
                       seed=a.seed, budget=a.budget, sweep_fraction=a.sweep_fraction, lrs=tuple(a.lrs),
-                      sweep_sources=tuple(a.sweep_sources))
+                      sweep_sources=tuple(a.sweep_sources), dsm_only=a.dsm_only)
     if a.rerun_dsm:
         run.forget_dsm()
     return run.run()

@@ -48,6 +48,7 @@ class AccuracyRun(Demo):
     sweep_fraction: float = 0.25
     lrs: Tuple[float, ...] = DEFAULT_LRS
     sweep_sources: Tuple[str, ...] = DEFAULT_SWEEP_SOURCES
+    dsm_only: bool = False   # data and DSM only: no nnU-Net baseline (their columns stay empty in the report)
 
     def __post_init__(self):
         super().__post_init__()
@@ -89,8 +90,23 @@ class AccuracyRun(Demo):
         b, p = self.plan, self.preset
         steps = [Step("sources", f"phantom sources (seed {self.seed})", self.do_sources,
                       demo["sources"].done, p.name),
-                 demo["convert"], demo["merge"], demo["plan"],
-                 Step("baseline_data", "nnU-Net baseline datasets (one per source) + nnUNetv2_plan_and_preprocess",
+                 demo["convert"], demo["merge"], demo["plan"]]
+        if not self.dsm_only:
+            steps += self._baseline_steps()
+        # DSM last: --rerun-dsm (after a change to DSM) redoes only these
+        steps += [self.train_step("stage1", STAGE1_TRAINER, b.stage1), demo["embed"],
+                  self.train_step("stage2", STAGE2_TRAINER, b.stage2),
+                  Step("predict", demo["predict"].title + " (DSM Stage 2)", self.do_predict,
+                       self.predictions_complete),
+                  Step("predict_stage1", "nnUNetv2_predict (DSM Stage 1)", self.do_predict_stage1,
+                       lambda: self._all_predicted(self.pred1, self.test_cases())),
+                  Step("report", "accuracy.json and accuracy.md", self.do_report, lambda: False)]
+        return steps
+
+    def _baseline_steps(self) -> List[Step]:
+        """The nnU-Net baselines' data, learning-rate sweep, trainings and predictions."""
+        b = self.plan
+        steps = [Step("baseline_data", "nnU-Net baseline datasets (one per source) + nnUNetv2_plan_and_preprocess",
                       self.do_baseline_data, self.baseline_data_done)]
         if len(self.lrs) > 1:
             steps += [Step(f"sweep_{s}_{lr_tag(lr)}", f"nnU-Net sweep: {s}, lr {lr:g}, {b.sweep.iterations} "
@@ -102,15 +118,7 @@ class AccuracyRun(Demo):
                        ":".join([b.nnunet.env(), ",".join(map(str, self.lrs)), b.sweep.env(), *self.sweep_sources]))
                   for s in BASELINE_SOURCES]
         steps += [Step("predict_nnunet", "nnUNetv2_predict (each nnU-Net baseline on its source's test cases)",
-                       self.do_predict_nnunet, self.nnunet_predictions_complete),
-                  # DSM last: --rerun-dsm (after a change to DSM) redoes only these
-                  self.train_step("stage1", STAGE1_TRAINER, b.stage1), demo["embed"],
-                  self.train_step("stage2", STAGE2_TRAINER, b.stage2),
-                  Step("predict", demo["predict"].title + " (DSM Stage 2)", self.do_predict,
-                       self.predictions_complete),
-                  Step("predict_stage1", "nnUNetv2_predict (DSM Stage 1)", self.do_predict_stage1,
-                       lambda: self._all_predicted(self.pred1, self.test_cases())),
-                  Step("report", "accuracy.json and accuracy.md", self.do_report, lambda: False)]
+                       self.do_predict_nnunet, self.nnunet_predictions_complete)]
         return steps
 
     def forget_dsm(self) -> None:
@@ -282,14 +290,15 @@ class AccuracyRun(Demo):
         from nnunetv2_dsm.accuracy.scoring import score
         scores = score(self.scoring_inputs())
         sweep: List[SweepRun] = []
-        for s in self.sweep_sources:
+        for s in () if self.dsm_only else self.sweep_sources:
             runs = self.sweep(s) if len(self.lrs) > 1 else []
             try:
                 choose_lr(runs) if runs else None        # marks the chosen run
             except RuntimeError:
                 pass
             sweep += runs
-        extra = {"chosen_lr": {s: self._chosen_or_none(s) for s in BASELINE_SOURCES},
+        extra = {"chosen_lr": {s: None if self.dsm_only else self._chosen_or_none(s) for s in BASELINE_SOURCES},
+                 "dsm_only": self.dsm_only,
                  "lr_chosen_by_sweep_on": {s: self.swept_as(s) for s in BASELINE_SOURCES},
                  "dsm_lr": "the demo trainers' own (not swept)", "phantom": {
                      "seed": self.seed, "variation": VARIATION, "shape": list(self.preset.shape),
