@@ -2,8 +2,8 @@
 test fails on the code before the fix it guards."""
 from types import SimpleNamespace
 
-import pytest
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -112,7 +112,6 @@ def test_each_voxel_keeps_its_most_confident_class_whatever_the_region_order():
     over the right kidney. A liver tumor keeps overriding its liver (its label keeps the host)."""
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
     from nnunetv2_dsm.labels import dataset_json_labels, decode, regions_class_order
-    from nnunetv2_dsm.network.output import exclusive_classes
     idx = lambda n: class_index(n) - 1  # noqa: E731
     logits = torch.full((1, NUM_CLASSES, 4, 1, 1), -5.0)
     logits[0, idx("Aorta"), 0], logits[0, idx("Bladder"), 0] = 4.0, 1.0                 # both claim voxel 0

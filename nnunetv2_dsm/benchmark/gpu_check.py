@@ -343,18 +343,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
               "--volume", *map(str, volume), "--reps", "1" if args.dry_run else "3", "--warmup", "1",
               "--predict-reps", "1"] + (["--tiny", "--threads", "1"] if args.dry_run else [])
     deadline = started + args.budget  # priorities: (c)+(d) with the kernels, the compile check, (c) with torch
-    later = lambda key: any(k in args.only for k in SECTIONS[SECTIONS.index(key) + 1:])  # noqa: E731
+    def share(key: str, fraction: float = 1.0, cap: float = math.inf) -> float:
+        """Seconds for section ``key``: ``fraction`` of what is left (at most ``cap``) when a chosen section follows
+        it, else all that is left but 5 s."""
+        left = deadline - time.time()
+        later = any(k in args.only for k in SECTIONS[SECTIONS.index(key) + 1:])
+        return min(cap, left * fraction) if later else left - 5
+
     runs = {"kernels": lambda: check_kernels(device, lengths, args.dry_run),
             "train_step": lambda: check_train_step(device, patch, batch, tiny=args.dry_run),
             "bench_kernel": lambda: run_benchmark(os.path.join(args.out, "kernel"), "auto",
-                                                  ["memory", "step", "predict"], common,
-                                                  (deadline - time.time()) * (0.6 if later("bench_kernel") else 1)
-                                                  - (0 if later("bench_kernel") else 5)),
+                                                  ["memory", "step", "predict"], common, share("bench_kernel", 0.6)),
             "compile": lambda: run_compile_check(device, [32, 64, 64] if args.dry_run else [64, 128, 128],
-                                                 min(180.0, (deadline - time.time()) * 0.5)
-                                                 if later("compile") else deadline - time.time() - 5),
+                                                 share("compile", 0.5, cap=180.0)),
             "bench_torch": lambda: run_benchmark(os.path.join(args.out, "torch"), "torch", ["memory", "step"],
-                                                 common, deadline - time.time() - 5)}
+                                                 common, share("bench_torch"))}
     for key in SECTIONS:
         if key in args.only:
             guarded(res, key, runs[key])

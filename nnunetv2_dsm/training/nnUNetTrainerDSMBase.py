@@ -99,13 +99,7 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
     def _do_i_compile(self):
         # torch.compile only on explicit request (nnU-Net compiles by default) and on CUDA. The selective scan is
         # kept out of the graph (ssm_backend.run_scan), so the network compiles once, then runs without recompiling
-        wanted = self.device.type == "cuda" and os.environ.get("nnUNet_compile", "").lower() in ("1", "true", "t")
-        if wanted:
-            self.print_to_log_file(
-                "nnUNet_compile=1: the first training step compiles the DSM network with Inductor, one graph per "
-                "kMMM layer scale; on an H200 a narrow Stage 2 network had not finished compiling after 196 s "
-                "(docs/performance.md, GPU). Unset nnUNet_compile to train uncompiled.")
-        return wanted
+        return self.device.type == "cuda" and os.environ.get("nnUNet_compile", "").lower() in ("1", "true", "t")
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """nnU-Net's settings without mirroring along the patient's left–right axis, in augmentation and at test
@@ -156,6 +150,11 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
     def on_train_start(self):
         super().on_train_start()
         self.print_to_log_file(backend_description(self.device))
+        if self._do_i_compile():
+            self.print_to_log_file(
+                "nnUNet_compile=1: the first training step compiles the DSM network with Inductor, one graph per "
+                "kMMM layer scale; on an H200 a narrow Stage 2 network had not finished compiling after 196 s "
+                "(docs/performance.md, GPU). Unset nnUNet_compile to train uncompiled.")
         self.set_trained_classes()
 
     def set_trained_classes(self) -> None:
