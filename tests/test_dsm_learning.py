@@ -13,7 +13,7 @@ from nnunetv2_dsm.labels import CLASS_NAMES, NUM_CLASSES, NUM_ORGANS, class_inde
 from nnunetv2_dsm.network.alignment import class_mixing_weights, cosine_similarity
 from nnunetv2_dsm.network.kmeans_layer import kmeans_update
 from nnunetv2_dsm.network.output import PredictionNetwork, exclusive_classes, label_table_logits
-from nnunetv2_dsm.training.loss import DSMLoss, alignment_loss, exclusion_bce, organ_targets_without_tumors
+from nnunetv2_dsm.training.loss import alignment_loss, organ_targets_without_tumors
 from nnunetv2_dsm.training.nnUNetTrainerDSMBase import left_right_axis
 from nnunetv2_dsm.training.nnUNetTrainerDSMStage1 import nnUNetTrainerDSMStage1
 from nnunetv2_dsm.training.nnUNetTrainerDSMStage2 import transfer_weights
@@ -69,38 +69,6 @@ def test_per_layer_organ_targets_leave_out_annotated_tumors_only():
     assert not layer[0, liver, 0].any() and layer[0, liver, 1].all()    # tumor voxels left out of the organ
     assert torch.equal(layer[1], target[1])                             # unannotated: unchanged
     assert torch.equal(layer[:, NUM_ORGANS:], target[:, NUM_ORGANS:])   # tumor channels unchanged
-
-
-def test_annotated_voxels_are_negatives_for_the_organs_a_case_does_not_annotate():
-    """A KiTS-like case annotates the kidneys and the kidney tumor only. Its kidney and tumor voxels are then known
-    not to be liver or aorta: the unannotated organ channels get BCE(x, 0) there (pushed down), and nothing on the
-    case's unlabelled background, where they may be anything. Annotated channels and tumor channels get no
-    exclusion term. Before: the liver and aorta channels claimed kidney-tumor voxels, so Eq. 14 saw no anomaly."""
-    torch.manual_seed(0)
-    kidney, tumor, liver = class_index("Right Kidney") - 1, class_index("Kidney Tumor") - 1, class_index("Liver") - 1
-    logits = torch.randn(1, NUM_CLASSES, 4, 4, 4, requires_grad=True)
-    target = torch.zeros(1, NUM_CLASSES, 4, 4, 4, dtype=torch.bool)
-    target[0, kidney, :2] = True
-    target[0, tumor, 0, :2] = True
-    target[0, liver, 3] = True                                       # the liver is there, but not annotated
-    annotated = torch.zeros(1, NUM_CLASSES, dtype=torch.bool)
-    annotated[0, [kidney, class_index("Left Kidney") - 1, tumor]] = True
-    exclusion_bce(logits, target, annotated).backward()
-    grad = logits.grad[0]
-    known = target[0, kidney] | target[0, tumor]
-    for c in range(NUM_CLASSES):
-        if c < NUM_ORGANS and not annotated[0, c]:
-            assert torch.all(grad[c][known] > 0) and torch.all(grad[c][~known] == 0), CLASS_NAMES[c]
-        else:
-            assert torch.all(grad[c] == 0), CLASS_NAMES[c]
-    # each unannotated organ pair weighs as an annotated pair's BCE term: sum over known voxels / voxels / pairs
-    expected = sum(F.softplus(logits[0, c][known]).sum() for c in range(NUM_ORGANS) if not annotated[0, c]) / 64 / 3
-    assert exclusion_bce(logits, target, annotated).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert exclusion_bce(logits, target, torch.zeros_like(annotated)).item() == 0.0
-    # DSMLoss adds it to every output; exclusion=False is the plain partial-label loss
-    out = SimpleNamespace(predictions=lambda: [logits], query_class_log_probs=None)
-    with_exclusion, without = DSMLoss(1)(out, target, annotated), DSMLoss(1, exclusion=False)(out, target, annotated)
-    assert (with_exclusion - without).item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_anomaly_map_is_minus_the_max_over_the_trained_organs_tissue_logits():

@@ -1,9 +1,8 @@
 """DSM losses: partial-label Dice + BCE (paper Eq. 11–13), deep supervision over the kMMM layers, alignment.
 
 Partial labels (paper §4.1.2, after Liu et al. 2023): every case annotates only some of the 45 classes. The loss
-is computed per (case, class) pair and only over the pairs the case annotates. The one exception is what the
-annotated classes state about the others (:func:`exclusion_bce`): a voxel of an annotated class is no other
-organ's tissue. Elsewhere an unannotated pair contributes exactly zero loss and zero gradient.
+is computed per (case, class) pair and only over the pairs the case annotates; the others are never touched, so
+they contribute exactly zero loss and zero gradient.
 """
 from __future__ import annotations
 
@@ -46,33 +45,6 @@ def partial_label_dice_bce(logits: torch.Tensor, target: torch.Tensor, annotated
     return per_pair.mean() if divisor is None else per_pair.sum() / divisor
 
 
-def exclusion_bce(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
-                  normalizer: Optional[Normalizer] = None) -> torch.Tensor:
-    """Negatives the partial labels do state: a voxel of an annotated class is no other organ's tissue.
-
-    A voxel holds one organ (the label table encodes one organ per voxel; an organ's tumors are inside it), so on a
-    case that annotates only the kidneys and their tumors every kidney or tumor voxel is known not to be liver,
-    aorta, spleen... The marginal/exclusion losses of Shi et al. (MedIA 2021) use the same fact for partially
-    labelled organ datasets. Here: BCE with target 0, on those known voxels only, of each organ channel the case
-    does *not* annotate; elsewhere (unlabelled background of such a channel) it still contributes nothing.
-
-    logits (B, C, *S) with C ≥ 25 (the first 25 channels are organ tissue); target (B, C', *S) the label-table
-    multi-hot (organ regions with their tumors, tumors); annotated (B, C') bool. Returns Σ over unannotated organ
-    pairs (b, c) of Σ_{known voxels} softplus(x) / voxels — each pair weighted as an annotated pair's BCE term
-    (Eq. 12) — divided by the number of annotated pairs of this call (or ``normalizer(count)``, as
-    :func:`partial_label_dice_bce`, so the two terms share one divisor)."""
-    mask = annotated[:, :logits.shape[1]]
-    divisor = normalizer(mask.sum()) if normalizer is not None else mask.sum().clamp(min=1)
-    spatial = [1] * (target.ndim - 2)
-    known = (target.bool() & annotated[:, :target.shape[1]].reshape(*annotated.shape[:1], -1, *spatial)).any(1)
-    negative = (~mask[:, :NUM_ORGANS]).reshape(*mask.shape[:1], -1, *spatial) & known.unsqueeze(1)
-    if not bool(negative.any()):
-        return logits.sum() * 0.0
-    organs = logits[:, :NUM_ORGANS].float()
-    per_voxel = F.softplus(organs) * negative.to(organs.dtype)           # BCE(x, 0) = softplus(x)
-    return per_voxel.sum() / (known[0].numel() * divisor)
-
-
 def alignment_loss(query_class_log_probs: torch.Tensor) -> torch.Tensor:
     """Paper §4.2.3: "the similarities between matched query embedding and text embedding should be maximized" —
     cross-entropy of Eq. 20's p_j over the class prompts with target class j (query j is class j's query), for
@@ -110,16 +82,14 @@ class DSMLoss(nn.Module):
     Stage 2 alignment term: ``loss(output: DSMOutput, targets)``.
 
     ``targets``: one (B, 45, *S) multi-hot target per deep-supervision scale (nnU-Net's list), or a single tensor for
-    the final logits only. With ``exclusion`` (default) each output also gets :func:`exclusion_bce`, the negatives
-    the partial labels state for the organ channels a case does not annotate. The classes each case annotates, (B, 45) bool, are ``annotated`` or, when that is None,
+    the final logits only. The classes each case annotates, (B, 45) bool, are ``annotated`` or, when that is None,
     the ``annotated`` attribute the trainer sets for every batch (so nnU-Net's own ``train_step`` calls the loss
     unchanged). Every output is supervised with :func:`organ_targets_without_tumors`. ``normalizer``: see
     :func:`partial_label_dice_bce` (the trainers pass the global one under DDP)."""
 
     def __init__(self, n_outputs: int, alignment_weight: float = 1.0, smooth: float = 1e-5,
-                 normalizer: Optional[Normalizer] = None, exclusion: bool = True):
+                 normalizer: Optional[Normalizer] = None):
         super().__init__()
-        self.exclusion = exclusion
         self.weights = deep_supervision_weights(n_outputs).tolist()
         self.alignment_weight = alignment_weight
         self.smooth = smooth
@@ -138,9 +108,6 @@ class DSMLoss(nn.Module):
         tissue_targets = [organ_targets_without_tumors(t, annotated) for t in targets]
         loss = sum(w * partial_label_dice_bce(o, t, annotated, self.smooth, self.normalizer)
                    for w, o, t in zip(weights, predictions, tissue_targets))
-        if self.exclusion:
-            loss = loss + sum(w * exclusion_bce(o, t, annotated, self.normalizer)
-                              for w, o, t in zip(weights, predictions, targets))
         if output.query_class_log_probs is not None and self.alignment_weight:
             log_p = output.query_class_log_probs
             align = alignment_loss(log_p)             # a mean over this rank's (case, query) pairs
