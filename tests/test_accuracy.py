@@ -16,8 +16,8 @@ from nnunetv2_dsm.accuracy.report import build_json, write_json, write_markdown
 from nnunetv2_dsm.accuracy.schedule import SEED_ENV, format_schedule, parse_schedule, parse_seed
 from nnunetv2_dsm.accuracy.scoring import ScoringInputs, lateral_swaps, score
 from nnunetv2_dsm.accuracy.trainers import ScheduleMixin
-from nnunetv2_dsm.demo.sources import expected_multi_hot, write_source
-from nnunetv2_dsm.labels import NUM_CLASSES, class_index, decode, encode, region_values, tumor_label
+from nnunetv2_dsm.demo.sources import absent_tumors, expected_multi_hot, write_source
+from nnunetv2_dsm.labels import NUM_CLASSES, TUMOR_NAMES, class_index, decode, encode, region_values, tumor_label
 from nnunetv2_dsm.phantom import make_case, restrict_to_annotated, write_nifti
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,6 +222,25 @@ def test_scores_leave_out_models_without_predictions(tmp_path):
     inputs.predictions["dsm_stage1"] = {}
     doc = build_json(0, 1.0, Budget(1.0).iterations(), score(inputs))
     assert doc["dsc"]["dsm_stage1"] == {} and doc["dsc"]["dsm_stage2"]["Liver"] == 1.0
+
+
+def test_false_tumors_count_tumor_labels_where_the_phantom_draws_none(tmp_path):
+    inputs = _fake_run(tmp_path)
+    inputs.absent_tumors = {"LiTS_0001": absent_tumors("lits"), "KiTS_00001": absent_tumors("kits")}
+    assert "Liver Tumor" not in absent_tumors("lits") and "Kidney Cyst" not in absent_tumors("kits")
+    assert set(absent_tumors("btcv")) == set(TUMOR_NAMES)
+    # Stage 1 labels a liver tumor (with its liver) in the KiTS case, whose source never draws one
+    full = make_case(SHAPE, seed=2, tumors=("Kidney Tumor", "Liver Tumor")).multi_hot
+    kits = restrict_to_annotated(full, ["Right Kidney", "Left Kidney", "Kidney Tumor", "Liver", "Liver Tumor"])
+    _write(inputs.predictions["dsm_stage1"]["KiTS_00001"], encode(kits))
+    n_false = int(decode(encode(kits))[class_index("Liver Tumor") - 1].sum())
+    assert n_false > 0
+    doc = build_json(0, 1.0, Budget(1.0).iterations(), score(inputs))
+    assert doc["false_tumors"]["dsm_stage1"] == {"Liver Tumor": {"voxels": n_false, "cases": 1, "n_cases": 1}}
+    # the exact predictions label only tumors their cases have: the LiTS liver tumor is not counted
+    assert doc["false_tumors"]["nnunet"] == {} and doc["false_tumors"]["dsm_stage2"] == {}
+    md = write_markdown(doc, tmp_path / "accuracy.md").read_text()
+    assert f"| DSM Stage 1 | Liver Tumor | {n_false} | 1 / 1 |" in md
 
 
 # ------------------------------------------------------------------------------------------------------- runner

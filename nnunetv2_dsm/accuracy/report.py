@@ -37,7 +37,7 @@ def build_json(seed: int, budget: float, iterations: Dict[str, int], scores: dic
            "left_right_swaps": len(swapped.get("dsm_stage2", [])),
            "left_right_swaps_by_model": {m: len(swapped.get(m, [])) for m in MODELS if m in swapped},
            "swapped_cases": swapped, "lr_sweep": list(sweep), "wall_time_s": dict(wall_time or {}),
-           "per_case_dsc": scores.get("per_case", {})}
+           "per_case_dsc": scores.get("per_case", {}), "false_tumors": scores.get("false_tumors", {})}
     doc.update(extra or {})
     return jsonable(doc)
 
@@ -71,6 +71,15 @@ def dsc_table(doc: dict) -> List[str]:
     return rows
 
 
+def false_tumor_lines(doc: dict) -> List[str]:
+    """Markdown: per model, the tumor classes it labels in test cases whose phantom has none of them."""
+    ft = doc.get("false_tumors", {})
+    rows = ["| model | tumor | false voxels | cases with any / cases without that tumor |", "|---|---|---:|---:|"]
+    rows += [f"| {MODEL_TITLES[m]} | {t} | {r['voxels']} | {r['cases']} / {r['n_cases']} |"
+             for m in MODELS for t, r in ft.get(m, {}).items()]
+    return rows if len(rows) > 2 else ["None: no model labels a tumor where the phantom draws none."]
+
+
 def sweep_table(doc: dict) -> List[str]:
     rows = ["| source | learning rate | iterations | final train loss | pseudo Dice (training cases) | chosen |",
             "|---|---:|---:|---:|---:|:-:|"]
@@ -96,6 +105,10 @@ def write_markdown(doc: dict, path: Path, notes: Sequence[str] = ()) -> Path:
     swaps = doc.get("left_right_swaps_by_model", {})
     lines += ["", "## Left/right swaps (test cases)", "",
               " · ".join(f"{MODEL_TITLES[m]}: {n}" for m, n in swaps.items()) or "–", "",
+              "## Tumors where the phantom draws none (test cases)", "",
+              "Every voxel counted is wrong: the case's source never has that tumor (no BTCV case has a tumor, no "
+              "LiTS case a kidney tumor), though its reference, which annotates only the source's classes, cannot "
+              "show it.", "", *false_tumor_lines(doc), "",
               "## nnU-Net learning-rate sweep", "",
               "Chosen on each swept source: the lowest mean training loss over the last fifth of the epochs (the "
               "test set is not used to choose). Learning rate of each baseline: " + (", ".join(

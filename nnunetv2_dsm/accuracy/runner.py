@@ -22,7 +22,7 @@ from nnunetv2_dsm.accuracy.baselines import (BASELINE_SOURCES, BASELINE_TRAINER,
                                              manifest_cases, training_summary, write_baseline_dataset)
 from nnunetv2_dsm.accuracy.budget import Budget, Schedule
 from nnunetv2_dsm.demo.pipeline import CONFIG, DATASET_ID, FOLD, PRESETS, PROMPT_SLUG, Demo, Preset, Step
-from nnunetv2_dsm.demo.sources import HELD_OUT_CLASS, SOURCES, write_source
+from nnunetv2_dsm.demo.sources import HELD_OUT_CLASS, SOURCES, absent_tumors, write_source
 from nnunetv2_dsm.accuracy.schedule import SCHEDULE_ENV, SEED_ENV
 
 STAGE1_TRAINER, STAGE2_TRAINER = "nnUNetTrainerDSMStage1_accuracy", "nnUNetTrainerDSMStage2_accuracy"
@@ -274,7 +274,8 @@ class AccuracyRun(Demo):
                          "dsm_stage2": existing({c: self.pred / f"{c}.nii.gz" for c in test})},
             anomaly_maps=existing({c: self.pred / "anomaly_maps" / f"{c}.nii.gz" for c in test + inference}),
             prompt_masks=existing({c: self.pred / "prompts" / PROMPT_SLUG / f"{c}.nii.gz" for c in inference}),
-            held_out_class=HELD_OUT_CLASS)
+            held_out_class=HELD_OUT_CLASS,
+            absent_tumors={c: absent_tumors(cases[c]["source"]) for c in test if cases[c]["source"] in SOURCES})
 
     def wall_times(self, key: str = "seconds") -> Dict[str, float]:
         """Seconds per part of the run (``key``: ``seconds`` wall time, ``cpu_seconds`` CPU time of all processes)."""

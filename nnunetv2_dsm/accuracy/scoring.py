@@ -9,6 +9,9 @@
 * The prompt mask of the held-out class: DSC against its reference, mean over the cases.
 * Left/right swaps: a case counts when, for any lateral organ, the prediction overlaps the opposite side's
   reference more than its own.
+* False tumors: voxels each model labels as a tumor class in test cases where the phantom draws no tumor of that
+  class (its source never draws it: no BTCV case has a tumor, no LiTS case a kidney tumor). The references cannot
+  show these (a source annotates only its own classes), but the generator's truth does: every such voxel is wrong.
 """
 from __future__ import annotations
 
@@ -90,6 +93,7 @@ class ScoringInputs:
     prompt_masks: Dict[str, Path] = field(default_factory=dict)
     held_out_class: str = "Pancreas Tumor"
     anomaly_model: str = "dsm_stage2"
+    absent_tumors: Dict[str, Sequence[str]] = field(default_factory=dict)   # case -> tumor classes not drawn in it
 
 
 def score_dsc(inputs: ScoringInputs, refs: Dict[str, np.ndarray]) -> Dict[str, dict]:
@@ -138,12 +142,35 @@ def score_prompt(inputs: ScoringInputs, refs: Dict[str, np.ndarray]) -> Dict[str
     return {t: {"dsc": mean_defined(vals), "n_cases": len(vals)}} if vals else {}
 
 
+def score_false_tumors(inputs: ScoringInputs) -> Dict[str, Dict[str, dict]]:
+    """``{model: {tumor: {"voxels": V, "cases": n, "n_cases": N}}}``: over the N test cases in which the phantom
+    draws no ``tumor`` (``inputs.absent_tumors``), the voxels the model labels as it and in how many cases (n)
+    there are any. Listed per model are the classes with at least one false voxel."""
+    out: Dict[str, Dict[str, dict]] = {}
+    for model, preds in inputs.predictions.items():
+        per_class: Dict[str, dict] = {}
+        for case in inputs.test_cases:
+            absent = inputs.absent_tumors.get(case, ())
+            if case not in preds or not absent:
+                continue
+            pred_mh = decode(read_array(preds[case]))
+            for t in absent:
+                rec = per_class.setdefault(t, {"voxels": 0, "cases": 0, "n_cases": 0})
+                v = int(channel(pred_mh, t).sum())
+                rec["voxels"] += v
+                rec["cases"] += int(v > 0)
+                rec["n_cases"] += 1
+        out[model] = {t: r for t, r in sorted(per_class.items(), key=lambda kv: class_index(kv[0])) if r["voxels"]}
+    return out
+
+
 def score(inputs: ScoringInputs) -> dict:
     """Everything accuracy.json reports about the predictions (see :func:`score_dsc` and the module docstring)."""
     refs = {c: decode(read_array(inputs.reference[c])) for c in list(inputs.test_cases) + list(inputs.inference_cases)}
     out = score_dsc(inputs, refs)
     out["anomaly"] = score_anomaly(inputs, refs)
     out["prompt"] = score_prompt(inputs, refs)
+    out["false_tumors"] = score_false_tumors(inputs)
     out["swapped_cases"] = {m: {c: organs for c, organs in sorted(swaps.items()) if organs}
                             for m, swaps in out["swaps"].items()}
     return out

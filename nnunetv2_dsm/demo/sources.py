@@ -31,7 +31,7 @@ import numpy as np
 from nnunetv2_dsm.dataset_conversion.fixtures import IPL, LAS, LPS, RAS, Grid, write_nifti
 from nnunetv2_dsm.dataset_conversion.fixtures_more import MSD_JSON, MSD_TASKS
 from nnunetv2_dsm.dataset_conversion.fixtures_organs import AMOS, AMOS_JSON, BTCV
-from nnunetv2_dsm.labels import class_index
+from nnunetv2_dsm.labels import TUMOR_NAMES, class_index
 from nnunetv2_dsm.phantom import make_case
 
 HELD_OUT_CLASS = "Pancreas Tumor"
@@ -68,6 +68,12 @@ SOURCES: Dict[str, DemoSource] = {s.name: s for s in (
     DemoSource("kits", 504, _KITS, (("Kidney Tumor",), ("Kidney Tumor", "Kidney Cyst")), 4000),
     DemoSource("msd", 505, _MSD07, ((HELD_OUT_CLASS,),), 5000),
 )}
+
+
+def absent_tumors(source: str) -> Tuple[str, ...]:
+    """The tumor classes no case of ``source`` has (the phantom never draws them there), in class order."""
+    drawn = {t for case in SOURCES[source].tumors for t in case}
+    return tuple(t for t in TUMOR_NAMES if t not in drawn)
 
 
 # --------------------------------------------------------------------------------------------------------- grids
