@@ -275,7 +275,7 @@ class AccuracyRun(Demo):
             anomaly_maps=existing({c: self.pred / "anomaly_maps" / f"{c}.nii.gz" for c in test + inference}),
             prompt_masks=existing({c: self.pred / "prompts" / PROMPT_SLUG / f"{c}.nii.gz" for c in inference}),
             held_out_class=HELD_OUT_CLASS,
-            absent_tumors={c: absent_tumors(cases[c]["source"]) for c in test if cases[c]["source"] in SOURCES})
+            absent_tumors={c: absent_tumors(cases[c]["source"]) for c in test})
 
     def wall_times(self, key: str = "seconds") -> Dict[str, float]:
         """Seconds per part of the run (``key``: ``seconds`` wall time, ``cpu_seconds`` CPU time of all processes)."""

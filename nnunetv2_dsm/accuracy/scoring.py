@@ -98,19 +98,21 @@ class ScoringInputs:
 
 def score_dsc(inputs: ScoringInputs, refs: Dict[str, np.ndarray]) -> Dict[str, dict]:
     """``{"dsc": {model: {class: mean}}, "per_case": {model: {case: {class: dsc}}}, "swaps": {model: {case:
-    [organs]}}}`` over the test cases each model has a prediction for."""
+    [organs]}}, "false_tumor_voxels": {model: {case: {tumor: voxels}}}}`` over the test cases each model has a
+    prediction for (each label map is read once; the last is summed by :func:`score_false_tumors`)."""
     present = {c for case in inputs.test_cases for c in inputs.annotated[case] if channel(refs[case], c).any()}
-    dsc, per_case, swaps = {}, {}, {}
+    dsc, per_case, swaps, false = {}, {}, {}, {}
     for model, preds in inputs.predictions.items():
         cases = [c for c in inputs.test_cases if c in preds]
-        per_case[model], swaps[model] = {}, {}
+        per_case[model], swaps[model], false[model] = {}, {}, {}
         for case in cases:
             pred_mh = decode(read_array(preds[case]))
             per_case[model][case] = case_dsc(refs[case], pred_mh, inputs.annotated[case])
             swaps[model][case] = lateral_swaps(refs[case], pred_mh)
+            false[model][case] = {t: int(channel(pred_mh, t).sum()) for t in inputs.absent_tumors.get(case, ())}
         dsc[model] = {c: mean_defined([per_case[model][case][c] for case in cases if c in per_case[model][case]])
                       for c in CLASS_NAMES if c in present and any(c in per_case[model][k] for k in cases)}
-    return {"dsc": dsc, "per_case": per_case, "swaps": swaps}
+    return {"dsc": dsc, "per_case": per_case, "swaps": swaps, "false_tumor_voxels": false}
 
 
 def score_anomaly(inputs: ScoringInputs, refs: Dict[str, np.ndarray]) -> Dict[str, dict]:
@@ -142,21 +144,17 @@ def score_prompt(inputs: ScoringInputs, refs: Dict[str, np.ndarray]) -> Dict[str
     return {t: {"dsc": mean_defined(vals), "n_cases": len(vals)}} if vals else {}
 
 
-def score_false_tumors(inputs: ScoringInputs) -> Dict[str, Dict[str, dict]]:
-    """``{model: {tumor: {"voxels": V, "cases": n, "n_cases": N}}}``: over the N test cases in which the phantom
-    draws no ``tumor`` (``inputs.absent_tumors``), the voxels the model labels as it and in how many cases (n)
-    there are any. Listed per model are the classes with at least one false voxel."""
+def score_false_tumors(false_tumor_voxels: Dict[str, Dict[str, Dict[str, int]]]) -> Dict[str, Dict[str, dict]]:
+    """``{model: {case: {tumor: voxels}}}`` (from :func:`score_dsc`, over the test cases in which the phantom draws
+    no such tumor, ``ScoringInputs.absent_tumors``) → ``{model: {tumor: {"voxels": V, "cases": n, "n_cases": N}}}``:
+    the voxels summed over the N cases without that tumor and in how many (n) there are any. Listed per model are
+    the classes with at least one false voxel."""
     out: Dict[str, Dict[str, dict]] = {}
-    for model, preds in inputs.predictions.items():
+    for model, per_case in false_tumor_voxels.items():
         per_class: Dict[str, dict] = {}
-        for case in inputs.test_cases:
-            absent = inputs.absent_tumors.get(case, ())
-            if case not in preds or not absent:
-                continue
-            pred_mh = decode(read_array(preds[case]))
-            for t in absent:
+        for counts in per_case.values():
+            for t, v in counts.items():
                 rec = per_class.setdefault(t, {"voxels": 0, "cases": 0, "n_cases": 0})
-                v = int(channel(pred_mh, t).sum())
                 rec["voxels"] += v
                 rec["cases"] += int(v > 0)
                 rec["n_cases"] += 1
@@ -170,7 +168,7 @@ def score(inputs: ScoringInputs) -> dict:
     out = score_dsc(inputs, refs)
     out["anomaly"] = score_anomaly(inputs, refs)
     out["prompt"] = score_prompt(inputs, refs)
-    out["false_tumors"] = score_false_tumors(inputs)
+    out["false_tumors"] = score_false_tumors(out.pop("false_tumor_voxels"))
     out["swapped_cases"] = {m: {c: organs for c, organs in sorted(swaps.items()) if organs}
                             for m, swaps in out["swaps"].items()}
     return out
