@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from _dsm_helpers import params_without_gradient, tiny_network
-from nnunetv2_dsm.labels import NUM_CLASSES
+from nnunetv2_dsm.inference.open_vocabulary import OpenVocabularyOutputs
+from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS
+from nnunetv2_dsm.network.host_gate import gate_tumor_channels
 from nnunetv2_dsm.network.alignment import TAU, class_mixing_weights, query_class_log_probs
 from nnunetv2_dsm.training.loss import DSMLoss, alignment_loss
 from nnunetv2_dsm.training.nnUNetTrainerDSMStage2 import RUN_RECORDS, summarize_modules, transfer_weights
@@ -52,9 +54,10 @@ def test_eq20_cosine_over_tau_softmax_matches_a_direct_computation():
 
 
 def test_class_masks_are_their_own_query_masks_and_a_prompt_mixes_trained_queries_only():
-    """Class k's logits are query k's mask (index match), whatever the alignment says. A prompt equal to class k's
-    text, with the projections aligned, reproduces class k's map; when class k is untrained the prompt falls to the
-    other (trained) queries and query k gets weight 0."""
+    """Class k's logits are query k's mask (index match), whatever the alignment says; a tumor's is its query's mask
+    gated by its host's tissue (network/host_gate.py). A prompt equal to class k's text, with the projections
+    aligned, reproduces class k's map; when class k is untrained the prompt falls to the other (trained) queries and
+    query k gets weight 0."""
     net = stage2_network()
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
@@ -62,11 +65,14 @@ def test_class_masks_are_their_own_query_masks_and_a_prompt_mixes_trained_querie
         q, e = out.queries, out.pixel_embedding
         kernels, biases = net.query_kernels(q)
         own = torch.einsum("bnd,bdxyz->bnxyz", kernels, e) + biases[..., None, None, None]
-        torch.testing.assert_close(out.logits, own, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.logits, gate_tumor_channels(own), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(out.logits[:, NUM_ORGANS:], own[:, NUM_ORGANS:], atol=1e-3)  # the gate acts
         al = net.alignment
         al.set_text_embeddings(F.normalize(al.project(q)[0], dim=-1))     # perfectly aligned projections
         w, _ = al.prompt_weights(q, al.text_embeddings[30:31])
         assert w[0, 30, 0] > 0.99
+        head = OpenVocabularyOutputs(al.text_embeddings[30:31])
+        torch.testing.assert_close(head(net, out)[:, 0], out.logits[:, 30], rtol=1e-3, atol=1e-2)
         eligible = torch.ones(NUM_CLASSES, dtype=torch.bool)
         eligible[30] = False
         w, _ = al.prompt_weights(q, al.text_embeddings[30:31], eligible)

@@ -4,8 +4,8 @@ An inference head of ``network.output.PredictionNetwork``, so nnU-Net's own pred
 weighting, mirroring, fold averaging) computes them alongside the 45 class channels:
 
 * prompt p (a CLIP text embedding t_p): the prompt joins the 45 class prompts in Eq. 20's softmax, so it competes
-  with them ("pancreas tumor" vs "Pancreas"); its mask is the mixture of the masks of the trained queries that
-  claim it most (weights w_jp = p_j(p) / Σ_i p_i(p) over the queries of classes the model was trained on);
+  with them ("pancreas tumor" vs "Pancreas"); its mask is the mixture of the final masks (logits) of the trained
+  queries that claim it most (weights w_jp = p_j(p) / Σ_i p_i(p) over the queries of classes the model was trained on);
 * anomaly (Eq. 14): −max over the trained organ queries' final full-resolution tissue logits — high where no organ
   query responds.
 
@@ -19,9 +19,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from nnunetv2_dsm.labels import CLASS_NAMES, NUM_ORGANS
-from nnunetv2_dsm.network.alignment import mix_kernels
+from nnunetv2_dsm.network.alignment import mix_logits
 from nnunetv2_dsm.network.anomaly import anomaly_score
-from nnunetv2_dsm.network.kmeans_layer import mask_logits
 from nnunetv2_dsm.network.output import DSMOutput
 
 
@@ -63,16 +62,16 @@ class OpenVocabularyOutputs:
             if network.stage != 2:
                 raise RuntimeError("free-text prompts need a Stage 2 model (nnUNetTrainerDSMStage2): Stage 1 has no "
                                    "tumor queries and no CLIP alignment")
-            extra.append(self._prompt_logits(network, output.queries, output.pixel_embedding))
+            extra.append(self._prompt_logits(network, output))
         if self.anomaly:
             extra.append(anomaly_map(output.logits, network.trained_classes))
         return torch.cat(extra, 1)
 
-    def _prompt_logits(self, network, queries, pixel_embedding):
+    def _prompt_logits(self, network, output: DSMOutput):
+        queries = output.queries
         weights, cos = network.alignment.prompt_weights(queries, self.prompt_embeddings,
                                                         eligible=network.trained_classes)   # (B, N, P) each
-        kernels, biases = mix_kernels(weights, *network.query_kernels(queries))
-        logits = mask_logits(pixel_embedding, kernels, biases)
+        logits = mix_logits(weights, output.logits[:, :queries.shape[1]])
         ws, cs = weights.float().sum(0).T, cos.sum(0).T             # (P, N)
         self._weight_sum = ws if self._weight_sum is None else self._weight_sum + ws
         self._cos_sum = cs if self._cos_sum is None else self._cos_sum + cs

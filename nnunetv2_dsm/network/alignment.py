@@ -14,8 +14,7 @@ scrambled Stage 1's organs: mean own-query weight 0.026 at step 0.)
 
 Open vocabulary: a free-text prompt t_p joins the class prompts in the softmax; its mask mixes the query masks
 that claim it, w_jp = p_j(p) / Σ_i p_i(p) over the *trained* queries only (an untrained query's mask is
-unsupervised). Because the masks are linear in the query kernels (mask_j = <e(v), κ_j> + b_j), the mixed mask is
-the mask of the mixed kernel Σ_j w_jp κ_j (:func:`mix_kernels`).
+unsupervised). The prompt's mask logits are Σ_j w_jp logit_j over the queries' final mask logits (:func:`mix_logits`).
 
 The projection is trained on detached queries: the alignment learns to name the queries, the segmentation losses
 shape them (the alignment gradient, 4× the segmentation gradient's norm at the start of Stage 2, otherwise
@@ -58,11 +57,12 @@ def class_mixing_weights(log_probs: torch.Tensor, eligible: Optional[torch.Tenso
     return log_probs.softmax(dim=1)
 
 
-def mix_kernels(weights: torch.Tensor, kernels: torch.Tensor, biases: torch.Tensor):
-    """Mixed mask kernels: weights (B, N, P), query kernels (B, N, Dm), biases (B, N) → kernels (B, P, Dm) and
-    biases (B, P), Σ_j w_jp κ_j and Σ_j w_jp b_j (the mask of the mixture of the query masks)."""
-    w = weights.to(kernels.dtype)
-    return torch.einsum("bnp,bnd->bpd", w, kernels), torch.einsum("bnp,bn->bp", w, biases)
+def mix_logits(weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mixed masks of free-text prompts: weights (B, N, P), the queries' final mask logits (B, N, *S) → (B, P, *S),
+    Σ_j w_jp logit_j. For plain query masks this is the mask of the mixed kernel Σ_j w_jp κ_j (the masks are linear
+    in the kernels); for the host-gated tumor masks (network/host_gate.py) it mixes the gated masks."""
+    w = weights.to(logits.dtype)
+    return torch.einsum("bnp,bns->bps", w, logits.flatten(2)).reshape(*w.shape[:1], w.shape[2], *logits.shape[2:])
 
 
 class ClassPromptAlignment(nn.Module):

@@ -8,8 +8,10 @@ constant "absent" logit, so the network still answers all 45 regions nnU-Net exp
 Stage 2 (paper §4.2) adds 20 tumor queries. At every scale: the anomaly prompt from that layer's organ-query
 responses (Eq. 14–15), the semantic diffusion of the scale's features guided by the coarser scale (Eq. 16–18),
 prompt-masked cross-attention of the tumor queries (Eq. 19), then organ and tumor queries attend to each other.
-Class k's mask is query k's mask (index match); the CLIP class-prompt alignment (Eq. 20) learns to name the
-queries, and free-text prompts mix the masks of the trained queries that match them (network/alignment.py).
+Class k's mask is query k's mask (index match), a tumor's gated by its host organ's tissue (``network.host_gate``:
+tumor = min(tumor query mask, −host tissue), at every layer and at the end); the CLIP class-prompt alignment (Eq. 20)
+learns to name the queries, and free-text prompts mix the masks of the trained queries that match them
+(network/alignment.py).
 
 Output: one structure, :class:`nnunetv2_dsm.network.output.DSMOutput` (mask logits (B, 45, *S) whose organ channels
 are organ tissue without the tumors, so that Eq. 14 can read them at full resolution; the label table's regions are
@@ -28,6 +30,7 @@ from torch import nn
 
 from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS, NUM_TUMORS
 from nnunetv2_dsm.network.alignment import ClassPromptAlignment
+from nnunetv2_dsm.network.host_gate import gate_tumor_channels
 from nnunetv2_dsm.network.backbone import UNetFeatures, kmmm_stage_indices
 from nnunetv2_dsm.network.kmeans_layer import KMeansMaskMambaLayer, centre_queries, conv1x1, mask_logits
 from nnunetv2_dsm.network.output import ABSENT_LOGIT, DSMOutput
@@ -109,7 +112,7 @@ class DSMNetwork(nn.Module):
             if self.stage == 2:
                 queries, tumor_state, tumor_logits = self.tumor.refine(
                     queries, tumor_state, feat, organ_response, pixel_embedding, self.trained_classes[:NUM_ORGANS])
-                organ_response = torch.cat((organ_response, tumor_logits), 1)
+                organ_response = gate_tumor_channels(torch.cat((organ_response, tumor_logits), 1))
             layers.insert(0, organ_response)                    # fine → coarse
         log_p = None
         if self.stage == 2:
@@ -118,7 +121,9 @@ class DSMNetwork(nn.Module):
         pixel_embedding = F.normalize(self.pixel_head(decoded), dim=1)
         kernels, biases = self.query_kernels(queries)
         logits = mask_logits(pixel_embedding, kernels, biases)
-        if self.stage == 1:
+        if self.stage == 2:
+            logits = gate_tumor_channels(logits)
+        else:
             absent = logits.new_full((logits.shape[0], NUM_TUMORS, *logits.shape[2:]), ABSENT_LOGIT)
             logits = torch.cat((logits, absent), 1)
         return DSMOutput(logits, layers, queries, pixel_embedding, log_p)

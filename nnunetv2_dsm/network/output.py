@@ -29,8 +29,9 @@ class DSMOutput:
 
     logits                 (B, 45, *S)  mask logits at the input resolution (sigmoid, multi-label): the 25 organ
                            channels are organ *tissue* (trained without the organ's annotated tumors, so that Eq. 14
-                           can read them), the 20 tumor channels the tumors; :func:`label_table_logits` turns them
-                           into the label table's regions (an organ includes its tumors)
+                           can read them), the 20 tumor channels the tumors (host-gated: ``network.host_gate``);
+                           :func:`label_table_logits` turns them into the label table's regions (an organ includes
+                           its tumors)
     layers                 [(B, 25 [+ 20], *S_l)]  each kMMM layer's organ [and tumor] responses, fine → coarse
                            (the deep-supervision predictions; each layer's organs feed its anomaly prompt, Eq. 14–15)
     queries                (B, N, D)    the final organ [and tumor] queries
