@@ -62,7 +62,7 @@ def mix_logits(weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     Σ_j w_jp logit_j. For plain query masks this is the mask of the mixed kernel Σ_j w_jp κ_j (the masks are linear
     in the kernels); for the host-gated tumor masks (network/host_gate.py) it mixes the gated masks."""
     w = weights.to(logits.dtype)
-    return torch.einsum("bnp,bns->bps", w, logits.flatten(2)).reshape(*w.shape[:1], w.shape[2], *logits.shape[2:])
+    return torch.einsum("bnp,bn...->bp...", w, logits)
 
 
 class ClassPromptAlignment(nn.Module):

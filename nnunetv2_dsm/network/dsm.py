@@ -30,8 +30,8 @@ from torch import nn
 
 from nnunetv2_dsm.labels import NUM_CLASSES, NUM_ORGANS, NUM_TUMORS
 from nnunetv2_dsm.network.alignment import ClassPromptAlignment
-from nnunetv2_dsm.network.host_gate import gate_tumor_channels
 from nnunetv2_dsm.network.backbone import UNetFeatures, kmmm_stage_indices
+from nnunetv2_dsm.network.host_gate import gate_tumor_channels
 from nnunetv2_dsm.network.kmeans_layer import KMeansMaskMambaLayer, centre_queries, conv1x1, mask_logits
 from nnunetv2_dsm.network.output import ABSENT_LOGIT, DSMOutput
 

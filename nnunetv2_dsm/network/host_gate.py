@@ -30,9 +30,15 @@ import torch
 
 from nnunetv2_dsm.labels import NUM_ORGANS, NUM_TUMORS, TUMOR_HOSTS, TUMOR_NAMES, class_index
 
-# host organ channels (0-based, organs) of each tumor channel (0-based, tumors), in tumor order
+# host organ channels (0-based, organs) of each tumor channel (0-based, tumors), in tumor order; the one
+# translation of labels.TUMOR_HOSTS into channels (network/output.py reads it too)
 TUMOR_HOST_CHANNELS: Tuple[Tuple[int, ...], ...] = tuple(
     tuple(class_index(h) - 1 for h in TUMOR_HOSTS[name]) for name in TUMOR_NAMES)
+# each tumor's first and last host channel (the same channel for a single host): −max over its hosts is
+# −max(R[first], R[last]), two gathers for all 20 tumors (no host set has more than two organs)
+_FIRST_HOST = [hosts[0] for hosts in TUMOR_HOST_CHANNELS]
+_LAST_HOST = [hosts[-1] for hosts in TUMOR_HOST_CHANNELS]
+assert all(len(hosts) <= 2 for hosts in TUMOR_HOST_CHANNELS)
 
 
 def host_gated_tumor_logits(tumor_logits: torch.Tensor, organ_logits: torch.Tensor) -> torch.Tensor:
@@ -41,7 +47,7 @@ def host_gated_tumor_logits(tumor_logits: torch.Tensor, organ_logits: torch.Tens
     if tumor_logits.shape[1] != NUM_TUMORS or organ_logits.shape[1] != NUM_ORGANS:
         raise ValueError(f"expected (B, {NUM_TUMORS}, *S) tumor and (B, {NUM_ORGANS}, *S) organ logits, got "
                          f"{tuple(tumor_logits.shape)} and {tuple(organ_logits.shape)}")
-    no_host = torch.stack([-organ_logits[:, list(hosts)].amax(1) for hosts in TUMOR_HOST_CHANNELS], 1)
+    no_host = -torch.maximum(organ_logits[:, _FIRST_HOST], organ_logits[:, _LAST_HOST])
     return torch.minimum(tumor_logits, no_host.to(tumor_logits.dtype))
 
 

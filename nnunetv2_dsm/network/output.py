@@ -18,7 +18,8 @@ from typing import List, Optional, Protocol, Sequence
 import torch
 from torch import nn
 
-from nnunetv2_dsm.labels import NUM_ORGANS, TUMOR_HOSTS, class_index
+from nnunetv2_dsm.labels import NUM_ORGANS
+from nnunetv2_dsm.network.host_gate import TUMOR_HOST_CHANNELS
 
 ABSENT_LOGIT = -20.0  # sigmoid(-20) ≈ 2e-9: the answer of a class without a (trained) query
 
@@ -59,8 +60,7 @@ class InferenceHead(Protocol):
 # (host, tumor) channel pairs, 0-based, of the tumors with a single host organ: the label table counts such a tumor's
 # voxels for its host ("tumor inside that host"). A tumor of a paired organ is written "host not encoded"
 # (labels.regions_class_order), so it is counted for neither side.
-SINGLE_HOST_TUMORS = tuple((class_index(hosts[0]) - 1, class_index(tumor) - 1)
-                           for tumor, hosts in TUMOR_HOSTS.items() if len(hosts) == 1)
+SINGLE_HOST_TUMORS = tuple((hosts[0], NUM_ORGANS + t) for t, hosts in enumerate(TUMOR_HOST_CHANNELS) if len(hosts) == 1)
 
 
 def label_table_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -74,8 +74,7 @@ def label_table_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 # (host channels, tumor channel), 0-based, of the tumors whose host is one of a pair (kidneys, adrenals, lungs)
-PAIRED_HOST_TUMORS = tuple((tuple(class_index(h) - 1 for h in hosts), class_index(tumor) - 1)
-                           for tumor, hosts in TUMOR_HOSTS.items() if len(hosts) > 1)
+PAIRED_HOST_TUMORS = tuple((hosts, NUM_ORGANS + t) for t, hosts in enumerate(TUMOR_HOST_CHANNELS) if len(hosts) > 1)
 
 
 def exclusive_classes(logits: torch.Tensor) -> torch.Tensor:
