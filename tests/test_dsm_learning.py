@@ -13,7 +13,7 @@ from nnunetv2_dsm.labels import CLASS_NAMES, NUM_CLASSES, NUM_ORGANS, class_inde
 from nnunetv2_dsm.network.alignment import class_mixing_weights, cosine_similarity
 from nnunetv2_dsm.network.kmeans_layer import kmeans_update
 from nnunetv2_dsm.network.output import PredictionNetwork, exclusive_classes, label_table_logits
-from nnunetv2_dsm.training.loss import alignment_loss, organ_targets_without_tumors, tumor_voxel_exclusion
+from nnunetv2_dsm.training.loss import alignment_loss, organ_targets_without_tumors
 from nnunetv2_dsm.training.nnUNetTrainerDSMBase import left_right_axis
 from nnunetv2_dsm.training.nnUNetTrainerDSMStage1 import nnUNetTrainerDSMStage1
 from nnunetv2_dsm.training.nnUNetTrainerDSMStage2 import transfer_weights
@@ -69,33 +69,6 @@ def test_per_layer_organ_targets_leave_out_annotated_tumors_only():
     assert not layer[0, liver, 0].any() and layer[0, liver, 1].all()    # tumor voxels left out of the organ
     assert torch.equal(layer[1], target[1])                             # unannotated: unchanged
     assert torch.equal(layer[:, NUM_ORGANS:], target[:, NUM_ORGANS:])   # tumor channels unchanged
-
-
-def test_tumor_voxels_teach_every_unannotated_organ_channel_zero_there_and_nothing_elsewhere():
-    """A KiTS-like case annotates the kidneys and the kidney tumor: the liver channel, which it does not annotate,
-    learns 0 on the tumor voxels (the BCE of Eq. 12 averaged over them), and gets no gradient anywhere else; the
-    annotated channels, the tumor channels and a case without an annotated tumor get none from this term."""
-    target = torch.zeros(2, NUM_CLASSES, 4, 4, 4, dtype=torch.bool)
-    kidney, liver = class_index("Left Kidney") - 1, class_index("Liver") - 1
-    tumor = class_index("Kidney Tumor") - 1
-    target[:, kidney, :2] = True
-    target[:, tumor, 0, :2] = True                      # 8 tumor voxels inside the kidney
-    annotated = torch.zeros(2, NUM_CLASSES, dtype=torch.bool)
-    annotated[:, [kidney, class_index("Right Kidney") - 1]] = True
-    annotated[0, tumor] = True                          # case 1 has the tumor drawn but does not annotate it
-    logits = torch.randn(2, NUM_CLASSES, 4, 4, 4, requires_grad=True)
-    loss = tumor_voxel_exclusion(logits, target, annotated)
-    organs = [c for c in range(NUM_ORGANS) if not annotated[0, c]]
-    expected = F.softplus(logits[0, organs, 0, :2]).mean()
-    torch.testing.assert_close(loss, expected)
-    loss.backward()
-    g = logits.grad
-    assert (g[0, liver, 0, :2] > 0).all()               # pushes the liver's response down on the tumor
-    assert g[0, liver, 1:].abs().sum() == 0 and g[0, liver, 0, 2:].abs().sum() == 0
-    assert g[0, kidney].abs().sum() == 0 and g[0, NUM_ORGANS:].abs().sum() == 0 and g[1].abs().sum() == 0
-    none = torch.zeros_like(annotated)
-    none[:, kidney] = True
-    assert tumor_voxel_exclusion(logits, target, none).item() == 0.0
 
 
 def test_anomaly_map_is_minus_the_max_over_the_trained_organs_tissue_logits():

@@ -1,9 +1,8 @@
 """DSM losses: partial-label Dice + BCE (paper Eq. 11–13), deep supervision over the kMMM layers, alignment.
 
 Partial labels (paper §4.1.2, after Liu et al. 2023): every case annotates only some of the 45 classes. The loss
-is computed per (case, class) pair and only over the pairs the case annotates. The one exception is what an
-annotated tumor states about every organ (:func:`tumor_voxel_exclusion`): a tumor voxel is no organ's tissue. Elsewhere
-an unannotated pair contributes exactly zero loss and zero gradient.
+is computed per (case, class) pair and only over the pairs the case annotates; the others are never touched, so
+they contribute exactly zero loss and zero gradient.
 """
 from __future__ import annotations
 
@@ -71,31 +70,6 @@ def organ_targets_without_tumors(target: torch.Tensor, annotated: torch.Tensor) 
     return torch.cat((organs, target[:, NUM_ORGANS:]), 1)
 
 
-def tumor_voxel_exclusion(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
-    """What an annotated tumor states about the organs a case does not annotate: a tumor voxel is no organ's tissue.
-
-    Eq. 14 reads −max over *every* trained organ's tissue response, but the partial labels train an organ channel
-    only on the cases that annotate that organ, so nothing tells the liver or aorta channel that a KiTS case's kidney
-    tumor is not theirs. The annotated organ channels already learn 0 there (:func:`organ_targets_without_tumors`);
-    this term gives the others the same target, on those voxels only (elsewhere they stay untouched).
-
-    logits (B, C, *S) with C ≥ 25 (the first 25 channels are organ tissue); target (B, C', *S) the label-table
-    multi-hot with C' ≥ 25 + the tumor channels; annotated (B, C') bool. For each case b with an annotated tumor voxel
-    in the patch (set T_b) and each organ c it does not annotate: mean over T_b of BCE(x_bc, 0) = softplus(x_bc);
-    returns the mean over those (b, c) pairs — weighted as one pair's BCE of Eq. 12, but over the tumor voxels
-    rather than the whole patch — or 0 (with a graph) when the batch holds no annotated tumor voxel."""
-    spatial = [1] * (target.ndim - 2)
-    tumor_annotated = annotated[:, NUM_ORGANS:target.shape[1]].reshape(*annotated.shape[:1], -1, *spatial)
-    tumor = (target[:, NUM_ORGANS:].bool() & tumor_annotated).any(1).flatten(1)          # (B, V)
-    unannotated = ~annotated[:, :NUM_ORGANS]                                               # (B, 25)
-    pairs = unannotated & tumor.any(1, keepdim=True)                                       # (B, 25)
-    if not bool(pairs.any()):
-        return logits.sum() * 0.0
-    bce = F.softplus(logits[:, :NUM_ORGANS].flatten(2).float())                           # (B, 25, V)
-    per_pair = (bce * tumor.unsqueeze(1)).sum(2) / tumor.sum(1, keepdim=True).clamp(min=1)
-    return per_pair[pairs].mean()
-
-
 def deep_supervision_weights(n_outputs: int) -> np.ndarray:
     """Final output weight 1, then 1/2, 1/4, ... for the kMMM layers fine → coarse, normalised to sum 1. No zero
     weight: every layer's prediction head must train (fix of the official code, which had no auxiliary loss)."""
@@ -110,8 +84,7 @@ class DSMLoss(nn.Module):
     ``targets``: one (B, 45, *S) multi-hot target per deep-supervision scale (nnU-Net's list), or a single tensor for
     the final logits only. The classes each case annotates, (B, 45) bool, are ``annotated`` or, when that is None,
     the ``annotated`` attribute the trainer sets for every batch (so nnU-Net's own ``train_step`` calls the loss
-    unchanged). Every output is supervised with :func:`organ_targets_without_tumors` and, with its deep-supervision
-    weight, :func:`tumor_voxel_exclusion` (a mean over this rank's pairs, also under DDP). ``normalizer``: see
+    unchanged). Every output is supervised with :func:`organ_targets_without_tumors`. ``normalizer``: see
     :func:`partial_label_dice_bce` (the trainers pass the global one under DDP)."""
 
     def __init__(self, n_outputs: int, alignment_weight: float = 1.0, smooth: float = 1e-5,
@@ -135,7 +108,6 @@ class DSMLoss(nn.Module):
         tissue_targets = [organ_targets_without_tumors(t, annotated) for t in targets]
         loss = sum(w * partial_label_dice_bce(o, t, annotated, self.smooth, self.normalizer)
                    for w, o, t in zip(weights, predictions, tissue_targets))
-        loss = loss + sum(w * tumor_voxel_exclusion(o, t, annotated) for w, o, t in zip(weights, predictions, targets))
         if output.query_class_log_probs is not None and self.alignment_weight:
             log_p = output.query_class_log_probs
             align = alignment_loss(log_p)             # a mean over this rank's (case, query) pairs
