@@ -79,10 +79,15 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
                 f"classes of nnunetv2_dsm.labels. Build dataset.json with nnUNetv2_dsm_convert / nnUNetv2_dsm_merge "
                 f"(labels = nnunetv2_dsm.labels.dataset_json_labels(), regions_class_order = "
                 f"nnunetv2_dsm.labels.regions_class_order()).")
+        network = cls.build_dsm_network(configuration_manager, num_input_channels, cls.dsm_stage)
+        return network if enable_deep_supervision else PredictionNetwork(network)
+
+    @classmethod
+    def build_dsm_network(cls, configuration_manager, num_input_channels: int, stage: int) -> DSMNetwork:
+        """The DSM network of ``stage`` on the planned U-Net, with this trainer's decoder widths."""
         arch = DSMArchitecture.from_plans(configuration_manager.configuration, cls.dsm_architecture)
         backbone = build_unet_features(configuration_manager, num_input_channels)
-        network = DSMNetwork(backbone, cls.dsm_stage, arch, ndim=len(configuration_manager.patch_size))
-        return network if enable_deep_supervision else PredictionNetwork(network)
+        return DSMNetwork(backbone, stage, arch, ndim=len(configuration_manager.patch_size))
 
     def _get_deep_supervision_scales(self):
         """Full resolution for the final masks, then each kMMM layer's own resolution, fine → coarse."""

@@ -20,9 +20,11 @@ from nnunetv2.paths import nnUNet_results
 
 from nnunetv2_dsm.checkpoint import load_checkpoint   # weights_only=True: a crafted file runs no code
 from nnunetv2_dsm.io_utils import atomic_save_json
+from nnunetv2_dsm.labels import ORGAN_NAMES
 from nnunetv2_dsm.text import load_class_embeddings
 from nnunetv2_dsm.text.model_record import TEXT_INFO_FILE, record_text_in_dataset_json
 from nnunetv2_dsm.training.nnUNetTrainerDSMBase import nnUNetTrainerDSMBase, unwrap
+from nnunetv2_dsm.training.stage1_teacher import Stage1Teacher
 
 STAGE1_CHECKPOINT_ENV = "nnUNet_dsm_stage1_checkpoint"
 
@@ -61,6 +63,7 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
     class-prompt alignment, on the organ datasets plus the tumor datasets."""
     dsm_stage = 2
     stage1_trainer_name = "nnUNetTrainerDSMStage1"
+    stage1_distillation = True      # loss.stage1_distillation with the frozen Stage 1 model
 
     def stage1_checkpoint_path(self) -> str:
         explicit = os.environ.get(STAGE1_CHECKPOINT_ENV)
@@ -70,7 +73,8 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         return os.path.join(os.fspath(nnUNet_results), self.plans_manager.dataset_name, folder,
                             f"fold_{self.fold}", "checkpoint_final.pth")
 
-    def load_stage1(self) -> None:
+    def read_stage1(self) -> Tuple[str, Dict[str, torch.Tensor]]:
+        """(path, network weights) of the Stage 1 checkpoint; a clear error when there is none."""
         path = self.stage1_checkpoint_path()
         if not os.path.isfile(path):
             raise Stage1CheckpointError(
@@ -82,7 +86,11 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         if checkpoint.get("trainer_name", "").find("DSMStage1") < 0:
             self.print_to_log_file(f"WARNING: {path} was written by {checkpoint.get('trainer_name')}, "
                                    f"not a DSM Stage 1 trainer")
-        loaded, fresh = transfer_weights(unwrap(self.network), checkpoint["network_weights"])
+        return path, checkpoint["network_weights"]
+
+    def load_stage1(self) -> None:
+        path, weights = self.read_stage1()
+        loaded, fresh = transfer_weights(unwrap(self.network), weights)
         self.print_to_log_file(f"Stage 1 → Stage 2: loaded {len(loaded)} tensors from {path}")
         self.print_to_log_file(f"New in Stage 2 (trained from scratch): {summarize_modules(fresh)}")
 
@@ -102,8 +110,31 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         if self.local_rank == 0:  # again: a resumed run (--c) has had nnU-Net copy dataset.json over the record
             record_text_in_dataset_json(self.output_folder_base)
 
+    def load_teacher(self) -> None:
+        """The frozen Stage 1 model of ``loss.stage1_distillation`` (also on a resumed run: it is not in this stage's
+        checkpoint)."""
+        path, weights = self.read_stage1()
+        network = self.build_dsm_network(self.configuration_manager, self.num_input_channels, stage=1)
+        self.teacher = Stage1Teacher(network, weights, self.device)
+        names = [ORGAN_NAMES[i] for i in torch.nonzero(self.teacher.trained).flatten().tolist()]
+        self.print_to_log_file(f"Stage 1 teacher from {path}: on the organs a case does not annotate, Stage 2 learns "
+                               f"Stage 1's probabilities ({', '.join(names)})")
+
     def on_train_start(self):
         super().on_train_start()
         if self.current_epoch == 0:  # a fresh run; `--c` resumes from this stage's own checkpoint instead
             self.load_stage1()
             self.load_text_embeddings()
+        self.teacher = None
+        if self.stage1_distillation:
+            self.load_teacher()
+
+    def train_step(self, batch: dict) -> dict:
+        """The base step, with the Stage 1 teacher's organ probabilities of this batch for the loss."""
+        if self.teacher is not None:
+            self.loss.teacher = self.teacher.organ_probabilities(batch["data"])
+            self.loss.teacher_trained = self.teacher.trained
+        try:
+            return super().train_step(batch)
+        finally:
+            self.loss.teacher = None
