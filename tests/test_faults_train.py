@@ -84,12 +84,13 @@ def test_stage2_loads_the_stage1_checkpoint_safely(tmp_path, monkeypatch):
     marker = tmp_path / "PWNED"
     torch.save({"network_weights": {}, "x": _Payload(marker)}, tmp_path / "stage1.pth")
     fake = SimpleNamespace(stage1_checkpoint_path=lambda: str(tmp_path / "stage1.pth"))
+    # read_stage1 is the one reader of the Stage 1 file (the weight transfer and the distillation teacher)
     with pytest.raises(CheckpointError, match="Stage 1 checkpoint .* could run code"):
-        nnUNetTrainerDSMStage2.load_stage1(fake)
+        nnUNetTrainerDSMStage2.read_stage1(fake)
     assert not marker.exists()
     (tmp_path / "stage1.pth").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="Stage 1 checkpoint .* is truncated"):
-        nnUNetTrainerDSMStage2.load_stage1(fake)
+        nnUNetTrainerDSMStage2.read_stage1(fake)
 
 
 def _train_raising(monkeypatch, exc):
