@@ -61,51 +61,10 @@ def test_at_stage2_step_0_the_frozen_stage1_teacher_adds_no_gradient():
     annotated = torch.zeros(2, NUM_CLASSES, dtype=torch.bool)
     annotated[:, class_index("Liver") - 1] = True
     loss = DSMLoss(len(targets), alignment_weight=0.0)
-    loss.annotated, loss.teacher, loss.teacher_trust = annotated, probs, teacher.trained
+    loss.annotated, loss.teacher, loss.teacher_trained = annotated, probs, teacher.trained
     with_teacher = loss(out, targets)
     loss.teacher = None
     without = loss(out, targets)
     grads = torch.autograd.grad(with_teacher - without, [out.logits, *out.layers], allow_unused=True)
     assert max(g.abs().max().item() for g in grads if g is not None) < 1e-6
     assert (with_teacher - without).item() > 0           # the term is there (the BCE's entropy), not skipped
-
-
-def test_each_organ_pair_is_weighted_by_the_teachers_trust():
-    target, annotated, kidney = _kits_case()
-    liver, aorta = class_index("Liver") - 1, class_index("Aorta") - 1
-    logits = torch.randn(2, NUM_CLASSES, 4, 4, 4)
-    teacher = torch.rand(2, NUM_ORGANS, 4, 4, 4)
-    one = torch.zeros(NUM_ORGANS)
-    one[liver] = 1.0
-    full = stage1_distillation(logits, teacher, annotated, one, target)
-    half = one.clone()
-    half[liver] = 0.5
-    torch.testing.assert_close(stage1_distillation(logits, teacher, annotated, half, target), full / 2)
-    both = half.clone()
-    both[aorta] = 1.0                                   # the aorta's pairs join the mean with their own weight
-    aorta_only = torch.zeros(NUM_ORGANS)
-    aorta_only[aorta] = 1.0
-    torch.testing.assert_close(stage1_distillation(logits, teacher, annotated, both, target),
-                               (full / 2 + stage1_distillation(logits, teacher, annotated, aorta_only, target)) / 2)
-
-
-def test_teacher_trust_is_its_dice_on_the_cases_that_annotate_the_organ():
-    teacher = Stage1Teacher(tiny_network(stage=1, seed=3), tiny_network(stage=1, seed=3).state_dict(),
-                            torch.device("cpu"))
-    liver, spleen, aorta = (class_index(n) - 1 for n in ("Liver", "Spleen", "Aorta"))
-    tissue = torch.zeros(2, NUM_CLASSES, 4, 4, 4)
-    tissue[:, liver, :2] = 1                            # liver in the upper half of both cases
-    tissue[:, spleen, 3] = 1
-    probs = torch.zeros(2, NUM_ORGANS, 4, 4, 4)
-    probs[:, liver, :2] = 1                             # Stage 1 finds the liver exactly
-    probs[1, aorta] = 1                                 # and paints aorta everywhere on case 1, which does not annotate it
-    annotated = torch.zeros(2, NUM_CLASSES, dtype=torch.bool)
-    annotated[:, [liver, spleen]] = True                # the spleen is annotated and missed
-    assert teacher.trust.abs().sum() == 0               # no evidence yet: nothing is distilled
-    teacher.observe(probs, tissue, annotated)
-    trust = teacher.trust
-    assert trust[liver] == 1.0 and trust[spleen] == 0.0 and trust[aorta] == 0.0
-    probs[0, liver] = 1                                 # a second batch: the liver over-painted on case 0
-    teacher.observe(probs, tissue, annotated)
-    inter, p, y = 64.0 + 64.0, 64.0 + 96.0, 64.0 + 64.0  # Σ over both batches (2 cases × 32 liver voxels) of p·y, p, y
-    torch.testing.assert_close(teacher.trust[liver], torch.tensor(2 * inter / (p + y)))

@@ -72,30 +72,29 @@ def organ_targets_without_tumors(target: torch.Tensor, annotated: torch.Tensor) 
 
 
 def stage1_distillation(logits: torch.Tensor, teacher: torch.Tensor, annotated: torch.Tensor,
-                        teacher_trust: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                        teacher_trained: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Stage 2 keeps Stage 1's answer where no label speaks (learning without forgetting, Li & Hoiem 2016).
 
     An organ channel gets a loss only on the cases that annotate it, so on a LiTS or KiTS case nothing holds the
     aorta or the spleen where Stage 1 left them, and Stage 2 drifted from them (seed 1 aorta 0.94 → 0.27). For each
-    case b and each organ c that b does not annotate and that the teacher is trusted on (t_c > 0): t_c · BCE(x_bc,
-    p_bc) with the frozen Stage 1 model's probability p as a soft target, averaged over the voxels that are not
-    annotated tumor (Stage 1 never saw a tumor; no organ's tissue is known to be there); returns the mean over those
-    (b, c) pairs, or 0 with a graph.
+    case b and each organ c that b does not annotate but Stage 1 was trained on: BCE(x_bc, p_bc) with the frozen
+    Stage 1 model's probability p as a soft target, averaged over the voxels that are not annotated tumor (Stage 1
+    never saw a tumor; no organ's tissue is known to be there); returns the mean over those (b, c) pairs, or 0 with
+    a graph.
 
     logits (B, C ≥ 25, *S) the student's; teacher (B, 25, *S) Stage 1's organ probabilities at the same resolution;
-    annotated (B, C') bool; teacher_trust (25,) in [0, 1] (``Stage1Teacher.trust``; a bool mask weighs 1); target
-    (B, C', *S) the label-table multi-hot (for the annotated tumor voxels). At Stage 2's first step the student's
-    organ logits are Stage 1's, so the term's gradient is zero there."""
+    annotated (B, C') bool; teacher_trained (25,) bool (Stage 1's ``trained_classes``); target (B, C', *S) the
+    label-table multi-hot (for the annotated tumor voxels). At Stage 2's first step the student's organ logits are
+    Stage 1's, so the term's gradient is zero there."""
     spatial = [1] * (target.ndim - 2)
     tumor_annotated = annotated[:, NUM_ORGANS:target.shape[1]].reshape(*annotated.shape[:1], -1, *spatial)
     free = ~(target[:, NUM_ORGANS:].bool() & tumor_annotated).any(1).flatten(1)           # (B, V)
-    trust = teacher_trust[:NUM_ORGANS].to(device=logits.device, dtype=torch.float32)      # (25,)
-    pairs = ~annotated[:, :NUM_ORGANS] & (trust > 0).to(annotated.device)                  # (B, 25)
+    pairs = ~annotated[:, :NUM_ORGANS] & teacher_trained[:NUM_ORGANS].to(annotated.device)  # (B, 25)
     if not bool(pairs.any()):
         return logits.sum() * 0.0
     bce = F.binary_cross_entropy_with_logits(logits[:, :NUM_ORGANS].flatten(2).float(),
                                              teacher.flatten(2).float(), reduction="none")  # (B, 25, V)
-    per_pair = (bce * free.unsqueeze(1)).sum(2) / free.sum(1, keepdim=True).clamp(min=1) * trust
+    per_pair = (bce * free.unsqueeze(1)).sum(2) / free.sum(1, keepdim=True).clamp(min=1)
     return per_pair[pairs].mean()
 
 
@@ -114,7 +113,7 @@ class DSMLoss(nn.Module):
     the final logits only. The classes each case annotates, (B, 45) bool, are ``annotated`` or, when that is None,
     the ``annotated`` attribute the trainer sets for every batch (so nnU-Net's own ``train_step`` calls the loss
     unchanged). Every output is supervised with :func:`organ_targets_without_tumors`. When the Stage 2 trainer
-    sets ``teacher`` (the frozen Stage 1 model's organ probabilities, one per output) and ``teacher_trust`` for the
+    sets ``teacher`` (the frozen Stage 1 model's organ probabilities, one per output) and ``teacher_trained`` for the
     batch, each output also gets :func:`stage1_distillation` (a mean over this rank's pairs, also under DDP). ``normalizer``: see
     :func:`partial_label_dice_bce` (the trainers pass the global one under DDP)."""
 
@@ -127,7 +126,7 @@ class DSMLoss(nn.Module):
         self.normalizer = normalizer
         self.annotated: Optional[torch.Tensor] = None
         self.teacher: Optional[List[torch.Tensor]] = None
-        self.teacher_trust: Optional[torch.Tensor] = None
+        self.teacher_trained: Optional[torch.Tensor] = None
 
     def forward(self, output: DSMOutput, targets: TensorOrList,
                 annotated: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -142,7 +141,7 @@ class DSMLoss(nn.Module):
         loss = sum(w * partial_label_dice_bce(o, t, annotated, self.smooth, self.normalizer)
                    for w, o, t in zip(weights, predictions, tissue_targets))
         if self.teacher is not None:
-            loss = loss + sum(w * stage1_distillation(o, p, annotated, self.teacher_trust, t)
+            loss = loss + sum(w * stage1_distillation(o, p, annotated, self.teacher_trained, t)
                               for w, o, p, t in zip(weights, predictions, self.teacher, targets))
         if output.query_class_log_probs is not None and self.alignment_weight:
             log_p = output.query_class_log_probs

@@ -24,7 +24,6 @@ from nnunetv2_dsm.labels import ORGAN_NAMES
 from nnunetv2_dsm.text import load_class_embeddings
 from nnunetv2_dsm.text.model_record import TEXT_INFO_FILE, record_text_in_dataset_json
 from nnunetv2_dsm.training.nnUNetTrainerDSMBase import nnUNetTrainerDSMBase, unwrap
-from nnunetv2_dsm.training.loss import organ_targets_without_tumors
 from nnunetv2_dsm.training.stage1_teacher import Stage1Teacher
 
 STAGE1_CHECKPOINT_ENV = "nnUNet_dsm_stage1_checkpoint"
@@ -119,8 +118,7 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         self.teacher = Stage1Teacher(network, weights, self.device)
         names = [ORGAN_NAMES[i] for i in torch.nonzero(self.teacher.trained).flatten().tolist()]
         self.print_to_log_file(f"Stage 1 teacher from {path}: on the organs a case does not annotate, Stage 2 learns "
-                               f"Stage 1's probabilities ({', '.join(names)}), each weighted by Stage 1's Dice on "
-                               f"the cases that annotate it")
+                               f"Stage 1's probabilities ({', '.join(names)})")
 
     def on_train_start(self):
         super().on_train_start()
@@ -131,23 +129,11 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         if self.stage1_distillation:
             self.load_teacher()
 
-    def on_epoch_end(self):
-        if self.teacher is not None:
-            trust = self.teacher.trust
-            self.print_to_log_file("Stage 1 teacher's trust (its Dice where labels tell): " + ", ".join(
-                f"{ORGAN_NAMES[i]} {trust[i]:.2f}" for i in torch.nonzero(self.teacher.trained).flatten().tolist()))
-        super().on_epoch_end()
-
     def train_step(self, batch: dict) -> dict:
-        """The base step, with the Stage 1 teacher's organ probabilities of this batch for the loss, weighted by the
-        teacher's trust, which this batch's labels first add to (``Stage1Teacher.observe``)."""
+        """The base step, with the Stage 1 teacher's organ probabilities of this batch for the loss."""
         if self.teacher is not None:
-            probabilities = self.teacher.organ_probabilities(batch["data"])
-            target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
-            annotated = self.annotated_classes(batch["keys"])
-            self.teacher.observe(probabilities[0], organ_targets_without_tumors(target.to(self.device), annotated),
-                                 annotated)
-            self.loss.teacher, self.loss.teacher_trust = probabilities, self.teacher.trust
+            self.loss.teacher = self.teacher.organ_probabilities(batch["data"])
+            self.loss.teacher_trained = self.teacher.trained
         try:
             return super().train_step(batch)
         finally:
