@@ -15,7 +15,8 @@ Method (one process, alternating):
   ``configure_optimizers``, ``_build_loss``; no dataset, no torch.compile on either side). The timed step is the
   trainers' own ``train_step`` on a synthetic batch (random image, random 45-region targets at each trainer's deep
   supervision scales, every class annotated): forward, loss, backward, gradient clipping and the optimiser step
-  (SGD for nnU-Net, AdamW for DSM). Stage 2 gets random unit CLIP text embeddings.
+  (SGD for nnU-Net, AdamW for DSM). Stage 2 gets random unit CLIP text embeddings and, as in training, its frozen
+  Stage 1 teacher (random weights), whose forward pass is part of the Stage 2 step.
 * **Timing.** ``--warmup`` untimed rounds, then ``--reps`` rounds; each round runs every network once, the order
   rotating from round to round (A B C, B C A, C A B, ...) so that load from other processes hits all of them.
   Medians are reported, min and max too. CUDA is synchronised around every timed call.

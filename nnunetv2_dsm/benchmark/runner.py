@@ -18,6 +18,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_dsm.training.nnUNetTrainerDSMStage1 import nnUNetTrainerDSMStage1
 from nnunetv2_dsm.training.nnUNetTrainerDSMStage2 import nnUNetTrainerDSMStage2
+from nnunetv2_dsm.training.stage1_teacher import Stage1Teacher
 
 from .plans import CASE_ID
 
@@ -54,6 +55,9 @@ def make_trainer(name: str, setup: Dict):
                                                          trainer.enable_deep_supervision).to(device)
     if name == "dsm_stage2":
         trainer.network.alignment.set_text_embeddings(text_embeddings(setup["seed"]))
+        if trainer.stage1_distillation:   # its step runs the frozen Stage 1 teacher too (random weights here)
+            stage1 = trainer.build_dsm_network(trainer.configuration_manager, n_in, stage=1)
+            trainer.teacher = Stage1Teacher(stage1, stage1.state_dict(), device)
     trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
     trainer.loss = trainer._build_loss()
     trainer.network.train()

@@ -4,7 +4,8 @@
     nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerDSMStage2      # starts from the Stage 1 checkpoint
 
 Hook by hook: ``build_network_architecture`` builds the DSM network around the planned U-Net (for nnU-Net's
-predictor, wrapped in ``network.output.PredictionNetwork``); ``_get_deep_supervision_scales`` lists one target
+predictor, wrapped in ``network.output.PredictionNetwork``; ``build_dsm_network`` builds it for any stage, e.g.
+Stage 2's frozen Stage 1 teacher); ``_get_deep_supervision_scales`` lists one target
 resolution per kMMM layer; ``_build_loss`` is the partial-label Dice+BCE (global normalisation under DDP);
 ``train_step`` gives the loss the batch's annotated classes (manifest lookup by ``batch['keys']``) and runs
 nnU-Net's own step; ``validation_step`` counts pseudo-Dice on annotated classes only; ``do_split`` keeps nnU-Net's

@@ -8,12 +8,18 @@ or given explicitly with the environment variable ``nnUNet_dsm_stage1_checkpoint
 Every weight whose name and shape match is loaded (backbone, organ queries, kMMM layers, final head); the log
 lists the modules Stage 2 adds (tumor queries, diffusion, prompt attention, alignment), which start fresh.
 The CLIP class-prompt embeddings are read from the dataset's cache (``nnUNetv2_dsm_embed_prompts -d ID``).
+
+The same Stage 1 checkpoint is also kept, frozen, as a teacher (``training/stage1_teacher.py``): on each organ a case
+does not annotate (a LiTS case annotates only the liver), Stage 2 learns the Stage 1 model's probabilities
+(``loss.stage1_distillation``), so what Stage 1 learned is not forgotten where no label speaks. It costs one Stage 1
+forward pass per step; a resumed run (``--c``) loads the teacher again. A subclass with ``stage1_distillation =
+False`` trains on the labels alone.
 """
 from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from nnunetv2.paths import nnUNet_results
@@ -63,7 +69,8 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
     class-prompt alignment, on the organ datasets plus the tumor datasets."""
     dsm_stage = 2
     stage1_trainer_name = "nnUNetTrainerDSMStage1"
-    stage1_distillation = True      # loss.stage1_distillation with the frozen Stage 1 model
+    stage1_distillation = True      # loss.stage1_distillation with the frozen Stage 1 model (False: labels only)
+    teacher: Optional[Stage1Teacher] = None     # set in on_train_start (a trainer set up by hand has none)
 
     def stage1_checkpoint_path(self) -> str:
         explicit = os.environ.get(STAGE1_CHECKPOINT_ENV)
