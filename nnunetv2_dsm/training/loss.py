@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_dsm.labels import NUM_ORGANS, NUM_TUMORS
-from nnunetv2_dsm.network.host_gate import TUMOR_HOST_CHANNELS
+from nnunetv2_dsm.labels import NUM_ORGANS
 from nnunetv2_dsm.network.output import DSMOutput
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -72,28 +71,6 @@ def organ_targets_without_tumors(target: torch.Tensor, annotated: torch.Tensor) 
     return torch.cat((organs, target[:, NUM_ORGANS:]), 1)
 
 
-def host_tissue_in_tumors(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
-    """The host's tissue response inside its tumors, as one annotated pair's loss per (case, tumor, host).
-
-    Eq. 14 reads −max R inside the host organ, and the host gate (``network.host_gate``) opens a tumor only where its
-    host's tissue fails. The tissue targets (:func:`organ_targets_without_tumors`) already say 0 there, but a tumor
-    is a few dozen voxels of a 64³ patch: in the mean BCE over voxels and the organ's Dice they weigh almost nothing,
-    and after Stage 2 the kidney tissue still answered +1.5 to +2.2 (log-odds) inside the test kidney tumors against
-    +2.2 to +2.5 in the kidneys (seed 0). For each case b, each tumor t that b annotates and draws, and each host h of
-    t that b annotates: BCE(x_bh, 0) = softplus(x_bh), averaged over t's voxels. Organs the case does not annotate
-    are untouched (a variant that also pushed those down was measured and reverted, docs/accuracy.md).
-
-    logits (B, C ≥ 25, *S); target (B, 45, *S) the label-table multi-hot; annotated (B, 45) bool → (n,) one term per
-    (b, t, h), empty when there is none."""
-    ann = annotated.detach().cpu()
-    tumors = target[:, NUM_ORGANS:NUM_ORGANS + NUM_TUMORS].flatten(2).bool()       # (B, 20, V)
-    drawn = tumors.any(2).cpu() & ann[:, NUM_ORGANS:NUM_ORGANS + NUM_TUMORS]        # (B, 20)
-    organs = logits[:, :NUM_ORGANS].flatten(2)
-    terms = [F.softplus(organs[b, h][tumors[b, t]].float()).mean()
-             for b, t in drawn.nonzero().tolist() for h in TUMOR_HOST_CHANNELS[t] if ann[b, h]]
-    return torch.stack(terms) if terms else logits.new_zeros(0)
-
-
 def stage1_distillation(logits: torch.Tensor, teacher: torch.Tensor, annotated: torch.Tensor,
                         teacher_trained: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Stage 2 keeps Stage 1's answer where no label speaks (learning without forgetting, Li & Hoiem 2016).
@@ -135,16 +112,14 @@ class DSMLoss(nn.Module):
     ``targets``: one (B, 45, *S) multi-hot target per deep-supervision scale (nnU-Net's list), or a single tensor for
     the final logits only. The classes each case annotates, (B, 45) bool, are ``annotated`` or, when that is None,
     the ``annotated`` attribute the trainer sets for every batch (so nnU-Net's own ``train_step`` calls the loss
-    unchanged). Every output is supervised with :func:`organ_targets_without_tumors`, plus (``tumor_tissue``)
-    :func:`host_tissue_in_tumors`, each of its terms divided by this rank's annotated pair count. When the Stage 2 trainer
+    unchanged). Every output is supervised with :func:`organ_targets_without_tumors`. When the Stage 2 trainer
     sets ``teacher`` (the frozen Stage 1 model's organ probabilities, one per output) and ``teacher_trained`` for the
     batch, each output also gets :func:`stage1_distillation` (a mean over this rank's pairs, also under DDP). ``normalizer``: see
     :func:`partial_label_dice_bce` (the trainers pass the global one under DDP)."""
 
     def __init__(self, n_outputs: int, alignment_weight: float = 1.0, smooth: float = 1e-5,
-                 normalizer: Optional[Normalizer] = None, tumor_tissue: bool = True):
+                 normalizer: Optional[Normalizer] = None):
         super().__init__()
-        self.tumor_tissue = tumor_tissue
         self.weights = deep_supervision_weights(n_outputs).tolist()
         self.alignment_weight = alignment_weight
         self.smooth = smooth
@@ -165,10 +140,6 @@ class DSMLoss(nn.Module):
         tissue_targets = [organ_targets_without_tumors(t, annotated) for t in targets]
         loss = sum(w * partial_label_dice_bce(o, t, annotated, self.smooth, self.normalizer)
                    for w, o, t in zip(weights, predictions, tissue_targets))
-        if self.tumor_tissue:                         # each term weighs as one more annotated pair of this rank
-            pairs = annotated[:, :predictions[0].shape[1]].sum().clamp(min=1).to(loss.dtype)
-            loss = loss + sum(w * host_tissue_in_tumors(o, t, annotated).sum() / pairs
-                              for w, o, t in zip(weights, predictions, targets))
         if self.teacher is not None:
             loss = loss + sum(w * stage1_distillation(o, p, annotated, self.teacher_trained, t)
                               for w, o, p, t in zip(weights, predictions, self.teacher, targets))
