@@ -170,6 +170,29 @@ def test_dsm_trainers_never_mirror_left_right(transpose, patch):
     assert len(mirror) == len(patch) - 1                 # the other axes are still mirrored
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_queries_the_decoder_made_identical_keep_distinct_kernels_that_train_apart(stage):
+    """The kMMM updates can leave two classes' queries identical (left kidney and aorta, kernel cosine 1.00 on the
+    seed-1 budget-2 benchmark model): each final kernel must still have a part of its own, and one step on a loss
+    that tells the two masks apart must move their kernels apart."""
+    torch.manual_seed(0)
+    net = tiny_network(stage=stage)
+    n = NUM_ORGANS if stage == 1 else NUM_CLASSES
+    a, b = class_index("Left Kidney") - 1, class_index("Aorta") - 1
+    queries = torch.randn(1, n, net.arch.dim)
+    queries[:, b] = queries[:, a]                                 # the decoder's collapse
+    kernels, biases = net.query_kernels(queries)
+    ka, kb = kernels[0, a], kernels[0, b]
+    assert F.cosine_similarity(ka, kb, dim=0) < 0.9
+    pixel = F.normalize(torch.randn(1, kernels.shape[-1], 64), dim=1)
+    target = torch.zeros(2, 64)
+    target[0, :32], target[1, 32:] = 1, 1                          # a's voxels, b's voxels
+    logits = torch.einsum("nd,dv->nv", kernels[0, [a, b]], pixel[0]) + biases[0, [a, b], None]
+    F.binary_cross_entropy_with_logits(logits, target).backward()
+    grad = net.organ_queries.grad
+    assert grad[a].norm() > 0 and grad[b].norm() > 0 and F.cosine_similarity(grad[a], grad[b], dim=0) < 0
+
+
 def test_mask_kernels_ignore_a_shift_shared_by_every_query():
     """The decoder's shared residual updates collapsed the queries onto one common vector (final kernels of all
     organs but the liver at cosine 1.00 after the benchmark's Stage 1): the final kernels and every kMMM layer's
