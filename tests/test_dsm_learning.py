@@ -173,7 +173,7 @@ def test_dsm_trainers_never_mirror_left_right(transpose, patch):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_queries_the_decoder_made_identical_keep_distinct_kernels_that_train_apart(stage):
     """The kMMM updates can leave two classes' queries identical (left kidney and aorta, kernel cosine 1.00 on the
-    seed-1 budget-2 benchmark model): each final kernel and each kMMM layer's response kernel must still have a part of its own, and one step on a loss
+    seed-1 budget-2 benchmark model): each final kernel must still have a part of its own, and one step on a loss
     that tells the two masks apart must move their kernels apart."""
     torch.manual_seed(0)
     net = tiny_network(stage=stage)
@@ -191,11 +191,6 @@ def test_queries_the_decoder_made_identical_keep_distinct_kernels_that_train_apa
     F.binary_cross_entropy_with_logits(logits, target).backward()
     grad = net.organ_queries.grad
     assert grad[a].norm() > 0 and grad[b].norm() > 0 and F.cosine_similarity(grad[a], grad[b], dim=0) < 0
-    layer = net.kmmm[0]
-    with torch.no_grad():
-        response, _ = layer.response(queries[:, :NUM_ORGANS], torch.randn(1, layer.pixel_embed.in_channels, 4, 4, 4),
-                                     net.organ_queries)
-    assert not torch.allclose(response[0, a], response[0, b], atol=1e-3)   # every kMMM layer's kernels too
 
 
 def test_mask_kernels_ignore_a_shift_shared_by_every_query():

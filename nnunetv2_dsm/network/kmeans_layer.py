@@ -62,22 +62,6 @@ def centre_queries(queries: torch.Tensor, group: int = 0) -> torch.Tensor:
     return queries - queries.mean(dim=1, keepdim=True)
 
 
-def kernel_input(queries: torch.Tensor, norm: nn.Module, identity: Optional[torch.Tensor] = None,
-                 identity_norm: Optional[nn.Module] = None, group: int = 0) -> torch.Tensor:
-    """What a mask kernel reads: the queries centred within their group, layer-normed (``norm``), plus, when given,
-    each class's own starting query (``identity`` (N, D), the learnable queries the decoder starts from) centred and
-    layer-normed the same way: queries (B, N, D) → (B, N, D).
-
-    After the kMMM layers a query is mostly the shared updates it received, so queries that claimed similar voxels
-    leave the decoder nearly parallel, and so do their kernels (left kidney and aorta at cosine 1.00 on a benchmark
-    model). The identity part is the class's own and no other class shares it (as Mask2Former re-adds each query's
-    learnable positional embedding at every layer)."""
-    out = norm(centre_queries(queries, group))
-    if identity is not None:
-        out = out + identity_norm(centre_queries(identity.unsqueeze(0), group))
-    return out
-
-
 def kmeans_assignment(response: torch.Tensor) -> torch.Tensor:
     """Cluster-wise arg-max of Eq. 10 with a void cluster: response (B, N, T) → assignment (B, N, T), one-hot over N
     where the voxel's largest response is positive (some query claims it: sigmoid > 0.5), all zero where no query
@@ -138,7 +122,6 @@ class KMeansMaskMambaLayer(nn.Module):
         self.pixel_proj = nn.Sequential(conv1x1(feature_channels, dim, ndim), nn.GroupNorm(8, dim), nn.GELU())
         self.pixel_embed = conv1x1(dim, mask_dim, ndim)
         self.query_norm = nn.LayerNorm(dim)
-        self.identity_norm = nn.LayerNorm(dim)
         self.query_kernel = nn.Linear(dim, mask_dim)
         self.ssm = VoxelSequenceSSM(num_queries)
         self.values = conv1x1(dim, dim, ndim)
@@ -146,17 +129,15 @@ class KMeansMaskMambaLayer(nn.Module):
         self.update_proj = nn.Linear(dim, dim)
         self.query_mixing = QuerySelfAttention(dim, num_heads, ffn_dim)
 
-    def response(self, queries: torch.Tensor, pixel: torch.Tensor,
-                 identity: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 9: mask logits of every query (kernels from :func:`kernel_input`; ``identity`` (N, D) the classes'
-        starting queries) then the voxel-sequence SSM. Returns (response, pixel_embedding)."""
+    def response(self, queries: torch.Tensor, pixel: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 9: mask logits of every query then the voxel-sequence SSM. Returns (response, pixel_embedding)."""
         pixel_embedding = F.normalize(self.pixel_embed(pixel), dim=1)
-        kernels = self.query_kernel(kernel_input(queries, self.query_norm, identity, self.identity_norm))
-        return self.ssm(mask_logits(pixel_embedding, kernels)), pixel_embedding
+        logits = mask_logits(pixel_embedding, self.query_kernel(self.query_norm(centre_queries(queries))))
+        return self.ssm(logits), pixel_embedding
 
-    def forward(self, queries: torch.Tensor, features: torch.Tensor, identity: Optional[torch.Tensor] = None):
+    def forward(self, queries: torch.Tensor, features: torch.Tensor):
         pixel = self.pixel_proj(features)
-        response, pixel_embedding = self.response(queries, pixel, identity)
+        response, pixel_embedding = self.response(queries, pixel)
         b, n = response.shape[:2]
         assignment = kmeans_assignment(response.reshape(b, n, -1))
         update = kmeans_update(assignment, self.values(pixel).reshape(b, pixel.shape[1], -1))  # float32, (B, N, D)
