@@ -11,7 +11,7 @@ from _dsm_helpers import tiny_network
 from nnunetv2_dsm.inference.open_vocabulary import anomaly_map
 from nnunetv2_dsm.labels import CLASS_NAMES, NUM_CLASSES, NUM_ORGANS, class_index
 from nnunetv2_dsm.network.alignment import class_mixing_weights, cosine_similarity
-from nnunetv2_dsm.network.kmeans_layer import kmeans_update
+from nnunetv2_dsm.network.kmeans_layer import kmeans_update, mask_logits
 from nnunetv2_dsm.network.output import PredictionNetwork, exclusive_classes, label_table_logits
 from nnunetv2_dsm.training.loss import alignment_loss, organ_targets_without_tumors
 from nnunetv2_dsm.training.nnUNetTrainerDSMBase import left_right_axis
@@ -187,8 +187,8 @@ def test_queries_the_decoder_made_identical_keep_distinct_kernels_that_train_apa
     pixel = F.normalize(torch.randn(1, kernels.shape[-1], 64), dim=1)
     target = torch.zeros(2, 64)
     target[0, :32], target[1, 32:] = 1, 1                          # a's voxels, b's voxels
-    logits = torch.einsum("nd,dv->nv", kernels[0, [a, b]], pixel[0]) + biases[0, [a, b], None]
-    F.binary_cross_entropy_with_logits(logits, target).backward()
+    logits = mask_logits(pixel, kernels[:, [a, b]], biases[:, [a, b]])
+    F.binary_cross_entropy_with_logits(logits[0], target).backward()
     grad = net.organ_queries.grad
     assert grad[a].norm() > 0 and grad[b].norm() > 0 and F.cosine_similarity(grad[a], grad[b], dim=0) < 0
 
