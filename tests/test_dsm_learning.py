@@ -108,9 +108,8 @@ def test_label_table_regions_take_in_single_host_tumors_only():
 
 def test_each_voxel_keeps_its_most_confident_class_whatever_the_region_order():
     """Organs are disjoint; nnU-Net writes regions in order, so an unsure later class used to take a voxel the model
-    gave, more confidently, to an earlier one: Bladder over Aorta. Tumors override their host: a liver tumor's label
-    keeps the liver; a kidney tumor, written without its side, is positive only where its query beat the kidney
-    (the host gate, tests/test_host_gate.py)."""
+    gave, more confidently, to an earlier one: Bladder over Aorta, a faint kidney tumor (written without its side)
+    over the right kidney. A liver tumor keeps overriding its liver (its label keeps the host)."""
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
     from nnunetv2_dsm.labels import dataset_json_labels, decode, regions_class_order
     idx = lambda n: class_index(n) - 1  # noqa: E731
@@ -123,17 +122,20 @@ def test_each_voxel_keeps_its_most_confident_class_whatever_the_region_order():
     assert (out[:, :25] > 0).sum(1).flatten().tolist() == [1, 1, 1, 0]                 # one organ per voxel
     assert out[0, idx("Aorta"), 0] == 4.0 and out[0, idx("Bladder"), 0] == 0.0
     assert out[0, idx("Liver Tumor"), 1] == 3.0 and out[0, idx("Liver"), 1] == 2.0 and out[0, idx("Stomach"), 1] == 0
-    assert out[0, idx("Kidney Tumor"), 2] == 1.0 and out[0, idx("Right Kidney"), 2] == 3.0  # tumors unchanged
+    assert out[0, idx("Kidney Tumor"), 2] == 0.0 and out[0, idx("Right Kidney"), 2] == 3.0  # paired host: must beat it
+    logits2 = logits.clone()
+    logits2[0, idx("Kidney Tumor"), 2] = 5.0                                            # a confident kidney tumor stays
+    assert exclusive_classes(logits2)[0, idx("Kidney Tumor"), 2] == 5.0
     torch.testing.assert_close(out[0, :, 3], logits[0, :, 3])                           # all below 0: unchanged
     lm = LabelManager(dataset_json_labels(), regions_class_order())
     seg = lm.convert_probabilities_to_segmentation(torch.sigmoid(label_table_logits(out))[0])
     mh = decode(np.asarray(seg).ravel()).T                                              # (voxel, class)
     assert mh[:, idx("Aorta")].tolist() == [True, False, False, False] and not mh[:, idx("Bladder")].any()
     assert mh[1, idx("Liver")] and mh[1, idx("Liver Tumor")] and not mh[:, idx("Stomach")].any()  # tumor in its liver
-    assert mh[2, idx("Kidney Tumor")] and not mh[3].any()
+    assert mh[2, idx("Right Kidney")] and not mh[2, idx("Kidney Tumor")] and not mh[3].any()
     seg_main = lm.convert_probabilities_to_segmentation(torch.sigmoid(label_table_logits(logits))[0])
     old = decode(np.asarray(seg_main).ravel()).T                     # without it: the later region wins
-    assert old[0, idx("Bladder")] and not old[0, idx("Aorta")]
+    assert old[0, idx("Bladder")] and old[2, idx("Kidney Tumor")] and not old[2, idx("Right Kidney")]
 
 
 def test_kmeans_update_and_cosine_run_in_float32_under_autocast():

@@ -9,7 +9,7 @@ Stage 2 (paper §4.2) adds 20 tumor queries. At every scale: the anomaly prompt 
 responses (Eq. 14–15), the semantic diffusion of the scale's features guided by the coarser scale (Eq. 16–18),
 prompt-masked cross-attention of the tumor queries (Eq. 19), then organ and tumor queries attend to each other.
 Class k's mask is query k's mask (index match), a tumor's gated by its host organ's tissue (``network.host_gate``:
-tumor = tumor query mask − relu(host tissue), at every layer and at the end); the CLIP class-prompt alignment (Eq. 20)
+tumor = min(tumor query mask, −host tissue), at every layer and at the end); the CLIP class-prompt alignment (Eq. 20)
 learns to name the queries, and free-text prompts mix the masks of the trained queries that match them
 (network/alignment.py).
 
