@@ -136,11 +136,12 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         if self.stage1_distillation:
             self.load_teacher()
 
-    def prepare_loss(self, batch: dict) -> None:
-        """The Stage 1 teacher's organ probabilities of this (augmented) batch for the loss."""
+    def train_step(self, batch: dict) -> dict:
+        """The base step, with the Stage 1 teacher's organ probabilities of this batch for the loss."""
         if self.teacher is not None:
             self.loss.teacher = self.teacher.organ_probabilities(batch["data"])
             self.loss.teacher_trained = self.teacher.trained
-
-    def release_loss(self) -> None:
-        self.loss.teacher = None
+        try:
+            return super().train_step(batch)
+        finally:
+            self.loss.teacher = None
