@@ -317,3 +317,23 @@ def test_accuracy_benchmark_end_to_end_at_a_tiny_budget(tmp_path):
     assert sum(r["chosen"] for r in doc["lr_sweep"]) == 1 and set(doc["chosen_lr"]) == {"btcv", "lits", "kits"}
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "done earlier" in again.stdout and "nnUNetv2_train" not in again.stdout
+
+
+def test_machine_record_names_the_simd_flags_and_the_report_prints_it(tmp_path):
+    from nnunetv2_dsm.accuracy.report import machine_lines
+    from nnunetv2_dsm.benchmark.plans import SIMD_FLAGS, cpu_flags, machine_info
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu avx2 sse4_2 fma avx512f other\n\n"
+                    "processor\t: 1\nflags\t\t: fpu sse4_2\n")
+    assert cpu_flags(str(info)) == ["sse4_2", "avx2", "fma", "avx512f"]   # the first CPU, in SIMD_FLAGS order
+    assert cpu_flags(str(tmp_path / "missing")) == []
+    m = machine_info("cpu")
+    assert set(m["cpu_flags"]) <= set(SIMD_FLAGS) and m["libraries"]["numpy"] and m["libraries"]["SimpleITK"]
+    line, = machine_lines({**m, "cpu": "Test CPU", "cpu_flags": ["avx2", "fma"]})
+    assert line.startswith("Machine: Test CPU (SIMD: avx2 fma)") and f"numpy {m['libraries']['numpy']}" in line
+    assert machine_lines(None) == []
+    scores = score(_fake_run(tmp_path))
+    doc = build_json(0, 1.0, Budget(1.0).iterations(), scores, [], {}, {"machine": m})
+    assert "Machine: " in write_markdown(doc, tmp_path / "with.md").read_text()
+    doc.pop("machine")
+    assert "Machine: " not in write_markdown(doc, tmp_path / "without.md").read_text()

@@ -89,6 +89,17 @@ def sweep_table(doc: dict) -> List[str]:
     return rows
 
 
+def machine_lines(machine: Optional[dict]) -> List[str]:
+    """The machine a run was measured on, one line (none for a document without the record)."""
+    if not machine:
+        return []
+    libs = ", ".join(f"{k} {v}" for k, v in machine.get("libraries", {}).items() if v)
+    return [f"Machine: {machine.get('cpu')} (SIMD: {' '.join(machine.get('cpu_flags') or []) or 'unknown'}), "
+            f"{machine.get('affinity')} CPUs, {machine.get('memory_gib')} GiB; torch {machine.get('torch')}, "
+            f"nnunetv2 {machine.get('nnunetv2')}" + (f", {libs}" if libs else "") + ". A seeded run repeats on the "
+            f"same machine; on another CPU the float kernels differ and the trainings drift apart."]
+
+
 def write_markdown(doc: dict, path: Path, notes: Sequence[str] = ()) -> Path:
     """accuracy.md: the DSC table, anomaly AUROCs, prompt DSC, swaps, the learning-rate sweep, wall times."""
     it = doc["iterations"]
@@ -122,6 +133,7 @@ def write_markdown(doc: dict, path: Path, notes: Sequence[str] = ()) -> Path:
     cpu = doc.get("cpu_time_s", {})
     lines += [f"| {k} | {v / 60:.1f} min | " + (f"{cpu[k] / 60:.1f} min" if cpu.get(k) else "–") + " |"
               for k, v in doc.get("wall_time_s", {}).items()]
+    lines += ["", *machine_lines(doc.get("machine"))]
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path

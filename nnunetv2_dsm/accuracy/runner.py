@@ -289,6 +289,7 @@ class AccuracyRun(Demo):
     def do_report(self) -> None:
         from nnunetv2_dsm.accuracy.report import build_json, write_json, write_markdown
         from nnunetv2_dsm.accuracy.scoring import score
+        from nnunetv2_dsm.benchmark.plans import machine_info
         scores = score(self.scoring_inputs())
         sweep: List[SweepRun] = []
         for s in () if self.dsm_only else self.sweep_sources:
@@ -307,6 +308,7 @@ class AccuracyRun(Demo):
                      "inference_cases": self.subset_cases("inference")},
                  "clip": self.clip.describe if self.clip else None, "finished": time.strftime("%Y-%m-%d %H:%M")}
         extra["cpu_time_s"] = self.wall_times("cpu_seconds")
+        extra["machine"] = machine_info(self.device)   # seeded runs repeat on one machine, not across machines
         doc = build_json(self.seed, self.budget, self.plan.iterations(), scores, sweep, self.wall_times(), extra)
         write_json(doc, self.output / "accuracy.json")
         notes = [] if not self.clip or self.clip.trained else [

@@ -11,8 +11,8 @@ import os
 import platform
 import time
 from dataclasses import asdict
-from importlib.metadata import version
-from typing import Dict, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
@@ -59,9 +59,37 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# SIMD instruction sets by which MKL and oneDNN choose their float kernels: two machines that differ in them sum in
+# a different order, and a seeded training then drifts apart (docs/accuracy.md: seed 1 on two machines)
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> List[str]:
+    """The :data:`SIMD_FLAGS` the first CPU of ``cpuinfo`` lists, in that order; [] where it cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.lower().startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in SIMD_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
+def package_version(name: str) -> Optional[str]:
+    """The installed version of distribution ``name``, None when it is not installed."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def machine_info(device: str) -> Dict:
+    """What a measurement depends on besides the code: CPU (model, SIMD flags, cores), memory, library versions."""
     info = {
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
@@ -70,6 +98,7 @@ def machine_info(device: str) -> Dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "nnunetv2": version("nnunetv2"),
+        "libraries": {name: package_version(name) for name in ("numpy", "scipy", "SimpleITK")},
         "platform": platform.platform(),
         "device": device,
         "loadavg_start": list(os.getloadavg()),
