@@ -97,7 +97,7 @@ def machine_lines(machine: Optional[dict]) -> List[str]:
     return [f"Machine: {machine.get('cpu')} (SIMD: {' '.join(machine.get('cpu_flags') or []) or 'unknown'}), "
             f"{machine.get('affinity')} CPUs, {machine.get('memory_gib')} GiB; torch {machine.get('torch')}, "
             f"nnunetv2 {machine.get('nnunetv2')}" + (f", {libs}" if libs else "") + ". A seeded run repeats on the "
-            f"same machine; on another CPU the float kernels differ and the trainings drift apart."]
+            f"same machine; on another CPU or other library versions it can drift apart."]
 
 
 def write_markdown(doc: dict, path: Path, notes: Sequence[str] = ()) -> Path:

@@ -59,8 +59,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-# SIMD instruction sets by which MKL and oneDNN choose their float kernels: two machines that differ in them sum in
-# a different order, and a seeded training then drifts apart (docs/accuracy.md: seed 1 on two machines)
+# SIMD instruction sets by which MKL and oneDNN choose their float kernels: machines that differ in them (or in the
+# library versions) may sum in a different order, and a seeded training then drifts apart (docs/accuracy.md: seed 1
+# on two machines)
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
 
 
