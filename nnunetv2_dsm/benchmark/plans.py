@@ -47,16 +47,21 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo, else the platform's)."""
+def cpuinfo_field(key: str, cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """The value of the first ``key`` line (the first CPU's) of ``cpuinfo``; None where it cannot be read."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.lower().startswith("model name"):
+                if line.lower().startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else the platform's)."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 # SIMD instruction sets by which MKL and oneDNN choose their float kernels: machines that differ in them (or in the
@@ -67,15 +72,8 @@ SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> List[str]:
     """The :data:`SIMD_FLAGS` the first CPU of ``cpuinfo`` lists, in that order; [] where it cannot be read."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.lower().startswith("flags"):
-                    present = set(line.split(":", 1)[1].split())
-                    return [flag for flag in SIMD_FLAGS if flag in present]
-    except OSError:
-        pass
-    return []
+    present = set((cpuinfo_field("flags", cpuinfo) or "").split())
+    return [flag for flag in SIMD_FLAGS if flag in present]
 
 
 def package_version(name: str) -> Optional[str]:
