@@ -315,6 +315,9 @@ def test_accuracy_benchmark_end_to_end_at_a_tiny_budget(tmp_path):
     assert "Pancreas Tumor" in doc["anomaly"] and "Pancreas Tumor" in doc["prompt"]
     assert [(r["source"], r["lr"]) for r in doc["lr_sweep"]] == [("btcv", 0.01), ("btcv", 0.1)]
     assert sum(r["chosen"] for r in doc["lr_sweep"]) == 1 and set(doc["chosen_lr"]) == {"btcv", "lits", "kits"}
+    machine = doc["machine"]      # read at the report: no load average, which would not be the start's
+    assert machine["cpu"] and machine["libraries"]["numpy"] and "loadavg_start" not in machine
+    assert "Machine: " in (out / "accuracy.md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "done earlier" in again.stdout and "nnUNetv2_train" not in again.stdout
 
