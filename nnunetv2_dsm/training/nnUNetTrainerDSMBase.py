@@ -36,6 +36,8 @@ from nnunetv2_dsm.network.output import PredictionNetwork, label_table_logits
 from nnunetv2_dsm.network.ssm_backend import backend_description
 from nnunetv2_dsm.training.distributed import global_pair_normalizer
 from nnunetv2_dsm.training.loss import DSMLoss, masked_tp_fp_fn
+from nnunetv2_dsm.training.synthetic_lesions import (LESION_CONTRAST_HU, LESION_RADIUS_MM, add_synthetic_lesions,
+                                                     ct_contrast_scale)
 
 
 def left_right_axis(transpose_forward, patch_dims: int) -> Optional[int]:
@@ -58,6 +60,7 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
     """Shared by both stages. Not meant to be trained directly: use nnUNetTrainerDSMStage1 / ...Stage2."""
     dsm_stage = 1
     dsm_architecture = DSMArchitecture()
+    synthetic_lesion_probability = 0.0   # per case and step; 0 turns the augmentation off (Stage 2 turns it on)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -66,6 +69,8 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
         self.weight_decay = 1e-5
         where = os.path.join(self.preprocessed_dataset_folder_base or "<nnUNet_preprocessed>/<dataset>", "dataset.json")
         self.manifest = load_manifest(dataset_json, where=where)
+        self._lesion_rng: Optional[np.random.Generator] = None
+        self._lesion_scale: Optional[float] = None
 
     # ---- network -------------------------------------------------------------------------------------------------
     @classmethod
@@ -181,9 +186,46 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
 
     # ---- steps ---------------------------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net's step; the loss reads which classes each case of the batch annotates (partial labels)."""
+        """nnU-Net's step; the loss reads which classes each case of the batch annotates (partial labels), the batch
+        first gets its synthetic lesions (``training/synthetic_lesions.py``), then ``prepare_loss`` sees it."""
         self.loss.annotated = self.annotated_classes(batch["keys"])
-        return super().train_step(batch)
+        batch = self.with_synthetic_lesions(batch)
+        self.prepare_loss(batch)
+        try:
+            return super().train_step(batch)
+        finally:
+            self.release_loss()
+
+    def prepare_loss(self, batch: dict) -> None:
+        """Hook: give the loss what it needs of this (augmented) batch besides the targets (Stage 2: the teacher)."""
+
+    def release_loss(self) -> None:
+        """Hook: drop what ``prepare_loss`` gave the loss."""
+
+    def with_synthetic_lesions(self, batch: dict) -> dict:
+        """The batch with one synthetic lesion in an annotated tumour-hosting organ of about half its cases, the
+        organ's target 0 there (``synthetic_lesions.add_synthetic_lesions``); unchanged when
+        ``synthetic_lesion_probability`` is 0 or the configuration is not a single-channel CT. The generator is
+        seeded from torch's seed at the first step (the benchmark's training seed), apart from nnU-Net's sampling."""
+        if self.synthetic_lesion_probability <= 0:
+            return batch
+        if self._lesion_rng is None:
+            self._lesion_scale = ct_contrast_scale(self.plans_manager, self.configuration_manager)
+            self._lesion_rng = np.random.default_rng(torch.initial_seed() % 2 ** 63)
+            self.print_to_log_file(
+                "Synthetic lesions: " + ("off (not a single-channel CT configuration)" if self._lesion_scale is None
+                                         else f"p = {self.synthetic_lesion_probability:g} per case, contrast "
+                                              f"{LESION_CONTRAST_HU} HU = {LESION_CONTRAST_HU[0] * self._lesion_scale:.3f}"
+                                              f"..{LESION_CONTRAST_HU[1] * self._lesion_scale:.3f} normalised, "
+                                              f"radius {LESION_RADIUS_MM} mm"))
+        if self._lesion_scale is None:
+            return batch
+        target = batch["target"]
+        targets = target if isinstance(target, list) else [target]
+        data, targets, _ = add_synthetic_lesions(
+            batch["data"], targets, self.loss.annotated.cpu().numpy(), self._lesion_scale,
+            self.configuration_manager.spacing, self._lesion_rng, self.synthetic_lesion_probability)
+        return {**batch, "data": data, "target": targets if isinstance(target, list) else targets[0]}
 
     def validation_step(self, batch: dict) -> dict:
         """Loss and hard tp/fp/fn of the final masks (the label table's regions: organs with their tumors), counted

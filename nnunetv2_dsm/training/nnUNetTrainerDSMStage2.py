@@ -69,6 +69,7 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
     class-prompt alignment, on the organ datasets plus the tumor datasets."""
     dsm_stage = 2
     stage1_trainer_name = "nnUNetTrainerDSMStage1"
+    synthetic_lesion_probability = 0.5   # Eq. 14's organ channels learn tissue, not place (synthetic_lesions.py)
     stage1_distillation = True      # loss.stage1_distillation with the frozen Stage 1 model (False: labels only)
     teacher: Optional[Stage1Teacher] = None     # set in on_train_start (a trainer set up by hand has none)
 
@@ -136,12 +137,11 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSMBase):
         if self.stage1_distillation:
             self.load_teacher()
 
-    def train_step(self, batch: dict) -> dict:
-        """The base step, with the Stage 1 teacher's organ probabilities of this batch for the loss."""
+    def prepare_loss(self, batch: dict) -> None:
+        """The Stage 1 teacher's organ probabilities of this (augmented) batch for the loss."""
         if self.teacher is not None:
             self.loss.teacher = self.teacher.organ_probabilities(batch["data"])
             self.loss.teacher_trained = self.teacher.trained
-        try:
-            return super().train_step(batch)
-        finally:
-            self.loss.teacher = None
+
+    def release_loss(self) -> None:
+        self.loss.teacher = None
