@@ -31,7 +31,7 @@ import torch
 from nnunetv2_dsm.labels import NUM_ORGANS, NUM_TUMORS, TUMOR_HOSTS, TUMOR_NAMES, class_index
 
 # host organ channels (0-based, organs) of each tumor channel (0-based, tumors), in tumor order; the one
-# translation of labels.TUMOR_HOSTS into channels (network/output.py reads it too)
+# translation of labels.TUMOR_HOSTS into channels (network/output.py and training/synthetic_lesions.py read it too)
 TUMOR_HOST_CHANNELS: Tuple[Tuple[int, ...], ...] = tuple(
     tuple(class_index(h) - 1 for h in TUMOR_HOSTS[name]) for name in TUMOR_NAMES)
 # each tumor's first and last host channel (the same channel for a single host): −max over its hosts is

@@ -27,18 +27,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nnunetv2_dsm.labels import NUM_ORGANS, TUMOR_HOSTS, class_index
+from nnunetv2_dsm.labels import NUM_ORGANS
+from nnunetv2_dsm.network.host_gate import TUMOR_HOST_CHANNELS
 
 LESION_CONTRAST_HU: Tuple[float, float] = (20.0, 200.0)   # |shift|, uniform; hypo- and hyper-attenuating
 LESION_RADIUS_MM: Tuple[float, float] = (4.0, 12.0)        # uniform
 
 
 def _hosted_tumors() -> dict:
-    """organ channel (0-based) → the tumour channels (0-based) it hosts."""
+    """organ channel (0-based) → the tumour channels (0-based) it hosts: host_gate.TUMOR_HOST_CHANNELS inverted."""
     hosted: dict = {}
-    for tumor, hosts in TUMOR_HOSTS.items():
+    for tumor, hosts in enumerate(TUMOR_HOST_CHANNELS):
         for host in hosts:
-            hosted.setdefault(class_index(host) - 1, []).append(class_index(tumor) - 1)
+            hosted.setdefault(host, []).append(NUM_ORGANS + tumor)
     return hosted
 
 
@@ -48,8 +49,7 @@ HOSTED_TUMORS = _hosted_tumors()
 def lesion_organs(annotated: np.ndarray) -> List[int]:
     """annotated (45,) bool for one case → the organ channels (0-based) that may get a lesion: annotated, hosting a
     tumour class, none of whose hosted tumour classes the case annotates."""
-    return [c for c, tumors in sorted(HOSTED_TUMORS.items())
-            if c < NUM_ORGANS and annotated[c] and not annotated[tumors].any()]
+    return [c for c, tumors in sorted(HOSTED_TUMORS.items()) if annotated[c] and not annotated[tumors].any()]
 
 
 def _ball(shape: Sequence[int], centre: Sequence[int], radius_vox: Sequence[float]) -> torch.Tensor:
