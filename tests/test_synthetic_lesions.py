@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from nnunetv2_dsm.labels import NUM_CLASSES, class_index
 from nnunetv2_dsm.training.synthetic_lesions import (LESION_CONTRAST_HU, add_synthetic_lesions, ct_contrast_scale,
-                                                     lesion_organs)
+                                                     lesion_contrast_hu, lesion_organs)
 
 LIVER, KIDNEY_R, AORTA = class_index("Liver") - 1, class_index("Right Kidney") - 1, class_index("Aorta") - 1
 LIVER_TUMOR = class_index("Liver Tumor") - 1
@@ -40,32 +40,41 @@ def test_aorta_hosts_a_tumour_class_so_it_is_eligible():
     assert AORTA in lesion_organs(_annotated("Aorta"))
 
 
-def test_lesion_shifts_the_image_and_clears_the_organ_target_inside_the_organ_only():
+def test_every_eligible_organ_gets_its_own_lesion_and_only_its_own_target_is_cleared():
     data, targets = _batch()
     annotated = np.stack([_annotated("Liver", "Right Kidney")] * 2)
     new_data, new_targets, lesions = add_synthetic_lesions(data, targets, annotated, 1 / 100.0, (1.0, 1.0, 1.0),
                                                            np.random.default_rng(0), probability=1.0)
-    assert lesions.any(dim=(1, 2, 3)).all()                     # probability 1: every case gets one
     organ_before = targets[0][:, [LIVER, KIDNEY_R]].amax(1) > 0
-    assert not (lesions & ~organ_before).any()                  # clipped to the organ
+    assert not (lesions & ~organ_before).any()                  # clipped to the organs
     diff = (new_data - data)[:, 0]
-    assert torch.equal(diff != 0, lesions)                      # the image changes exactly on the lesion
+    assert torch.equal(diff != 0, lesions)                      # the image changes exactly on the lesions
+    small = F.interpolate(lesions[:, None].float(), size=(8, 8, 8), mode="nearest")[:, 0] > 0.5
     for b in range(2):
-        shift = diff[b][lesions[b]]
-        assert float(shift.max() - shift.min()) < 1e-5             # one shift per lesion
-        assert LESION_CONTRAST_HU[0] / 100 - 1e-5 <= abs(float(shift[0])) <= LESION_CONTRAST_HU[1] / 100 + 1e-5
-        hit = [c for c in (LIVER, KIDNEY_R) if (targets[0][b, c].bool() & lesions[b]).any()]
-        assert len(hit) == 1
-        c = hit[0]
-        assert (new_targets[0][b, c][lesions[b]] == 0).all()
-        # the rest of the organ, every other channel, untouched
-        assert torch.equal(new_targets[0][b, c][~lesions[b]], targets[0][b, c][~lesions[b]])
-        others = [k for k in range(NUM_CLASSES) if k != c]
+        for c in (LIVER, KIDNEY_R):                             # probability 1: each organ present gets one
+            inside = targets[0][b, c].bool() & lesions[b]
+            assert inside.any()
+            shift = diff[b][inside]
+            assert float(shift.max() - shift.min()) < 1e-5         # one shift per lesion
+            assert LESION_CONTRAST_HU[0] / 100 - 1e-5 <= abs(float(shift[0])) <= LESION_CONTRAST_HU[1] / 100 + 1e-5
+            assert (new_targets[0][b, c][lesions[b]] == 0).all()
+            keep = ~lesions[b]
+            assert torch.equal(new_targets[0][b, c][keep], targets[0][b, c][keep])
+            # the coarser level follows (nearest downsampling of the lesion)
+            assert (new_targets[1][b, c][small[b]] == 0).all()
+            assert torch.equal(new_targets[1][b, c][~small[b]], targets[1][b, c][~small[b]])
+        others = [k for k in range(NUM_CLASSES) if k not in (LIVER, KIDNEY_R)]
         assert torch.equal(new_targets[0][b, others], targets[0][b, others])
-        # the coarser level follows (nearest downsampling of the lesion)
-        small = F.interpolate(lesions[b][None, None].float(), size=(8, 8, 8), mode="nearest")[0, 0] > 0.5
-        assert (new_targets[1][b, c][small] == 0).all()
-        assert torch.equal(new_targets[1][b, c][~small], targets[1][b, c][~small])
+
+
+def test_contrast_is_log_uniform_on_its_range():
+    rng = np.random.default_rng(0)
+    hu = np.array([lesion_contrast_hu(rng) for _ in range(20000)])
+    lo, hi = LESION_CONTRAST_HU
+    assert hu.min() >= lo and hu.max() <= hi
+    # log-uniform: the geometric midpoint splits the draws in half, each decade-fraction equally likely
+    assert abs(np.mean(hu < np.sqrt(lo * hi)) - 0.5) < 0.02
+    assert abs(np.mean(hu < 2 * lo) - np.log(2) / np.log(hi / lo)) < 0.02
 
 
 def test_inputs_are_not_modified_and_the_generator_makes_it_repeatable():

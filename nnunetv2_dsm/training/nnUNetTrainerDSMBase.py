@@ -203,7 +203,7 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
         """Hook: drop what ``prepare_loss`` gave the loss."""
 
     def with_synthetic_lesions(self, batch: dict) -> dict:
-        """The batch with one synthetic lesion in an annotated tumour-hosting organ of about half its cases, the
+        """The batch with, in about half its cases, a synthetic lesion in every annotated tumour-hosting organ, the
         organ's target 0 there (``synthetic_lesions.add_synthetic_lesions``); unchanged when
         ``synthetic_lesion_probability`` is 0 or the configuration is not a single-channel CT. The generator is
         seeded from torch's seed at the first step (the benchmark's training seed), apart from nnU-Net's sampling."""
@@ -214,8 +214,8 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
             self._lesion_rng = np.random.default_rng(torch.initial_seed() % 2 ** 63)
             self.print_to_log_file(
                 "Synthetic lesions: " + ("off (not a single-channel CT configuration)" if self._lesion_scale is None
-                                         else f"p = {self.synthetic_lesion_probability:g} per case, contrast "
-                                              f"{LESION_CONTRAST_HU} HU = {LESION_CONTRAST_HU[0] * self._lesion_scale:.3f}"
+                                         else f"p = {self.synthetic_lesion_probability:g} per case, one per eligible organ, contrast "
+                                              f"{LESION_CONTRAST_HU} HU log-uniform = {LESION_CONTRAST_HU[0] * self._lesion_scale:.3f}"
                                               f"..{LESION_CONTRAST_HU[1] * self._lesion_scale:.3f} normalised, "
                                               f"radius {LESION_RADIUS_MM} mm"))
         if self._lesion_scale is None:

@@ -5,9 +5,10 @@ Eq. 14 scores a voxel as anomalous where no organ answers (−max R). That works
 kidney tumours (+3.1) equalled that in the kidney (+3.2), and the pancreas channel was as high inside the held-out
 pancreas tumour as in the pancreas. Few training cases show a tumour, and none shows one in the pancreas.
 
-Here, in the training step, a case's patch gets (with probability ``probability``) one lesion: a ball of random
-radius inside one organ the case annotates, its intensity shifted by a random CT contrast of either sign, and that
-organ's target set to 0 on the lesion at every deep-supervision resolution. So every tumour-hosting organ, those of
+Here, in the training step, a case's patch gets (with probability ``probability``) one lesion in every eligible
+organ it shows: a ball of random radius inside the organ, its intensity shifted by a random CT contrast of either
+sign (log-uniform, so subtle lesions are as common as obvious ones), and that organ's target set to 0 on the lesion
+at every deep-supervision resolution. So every tumour-hosting organ, those of
 the organ-only datasets included, learns that tissue of the wrong attenuation is not its tissue. Only organs that
 host a tumour class (``labels.TUMOR_HOSTS``) and whose tumour classes the case does not annotate get a lesion: on a
 LiTS case a liver lesion would otherwise teach the liver-tumour channel "not a tumour".
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from nnunetv2_dsm.labels import NUM_ORGANS
 from nnunetv2_dsm.network.host_gate import TUMOR_HOST_CHANNELS
 
-LESION_CONTRAST_HU: Tuple[float, float] = (20.0, 200.0)   # |shift|, uniform; hypo- and hyper-attenuating
+LESION_CONTRAST_HU: Tuple[float, float] = (20.0, 200.0)   # |shift|, log-uniform; hypo- and hyper-attenuating
 LESION_RADIUS_MM: Tuple[float, float] = (4.0, 12.0)        # uniform
 
 
@@ -52,6 +53,13 @@ def lesion_organs(annotated: np.ndarray) -> List[int]:
     return [c for c, tumors in sorted(HOSTED_TUMORS.items()) if annotated[c] and not annotated[tumors].any()]
 
 
+def lesion_contrast_hu(rng: np.random.Generator) -> float:
+    """|CT shift| of one lesion in HU, log-uniform on ``LESION_CONTRAST_HU``: each factor of contrast is equally
+    likely, so subtle lesions (20-60 HU) are drawn as often as obvious ones (60-180 HU)."""
+    lo, hi = LESION_CONTRAST_HU
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
 def _ball(shape: Sequence[int], centre: Sequence[int], radius_vox: Sequence[float]) -> torch.Tensor:
     """Bool (*shape) ellipsoid of semi-axes ``radius_vox`` (voxels) around ``centre``."""
     axes = [((torch.arange(s, dtype=torch.float32) - c) / r) ** 2 for s, c, r in zip(shape, centre, radius_vox)]
@@ -67,9 +75,10 @@ def add_synthetic_lesions(data: torch.Tensor, targets: List[torch.Tensor], annot
     """data (B, C, *S) normalised image; targets: per deep-supervision level (B, 45, *S_l) multi-hot, level 0 at
     full resolution; annotated (B, 45) bool; contrast_scale: normalised units per HU (1 / foreground std);
     spacing (mm per patch axis). Returns new data and targets (the inputs are not modified) and the lesion mask
-    (B, *S) bool. Per case, with probability ``probability``: one organ of :func:`lesion_organs` present in the
-    patch, a ball of radius in ``LESION_RADIUS_MM`` centred on one of its voxels, clipped to the organ; the image
-    shifted there by ±``LESION_CONTRAST_HU`` (every channel), the organ's target 0 there at every level."""
+    (B, *S) bool. Per case, with probability ``probability``: in every organ of :func:`lesion_organs` present in
+    the patch, a ball of radius in ``LESION_RADIUS_MM`` centred on one of its voxels, clipped to the organ; the
+    image shifted there by ± :func:`lesion_contrast_hu` (every channel), the organ's target 0 there at every
+    level."""
     data = data.clone()
     targets = [t.clone() for t in targets]
     lesions = torch.zeros((data.shape[0], *data.shape[2:]), dtype=torch.bool)
@@ -77,22 +86,19 @@ def add_synthetic_lesions(data: torch.Tensor, targets: List[torch.Tensor], annot
     for b in range(data.shape[0]):
         if rng.random() >= probability:
             continue
-        present = [c for c in lesion_organs(annotated[b]) if bool(full[b, c].any())]
-        if not present:
-            continue
-        organ_c = present[rng.integers(len(present))]
-        organ = full[b, organ_c].cpu() > 0
-        voxels = organ.nonzero()
-        centre = voxels[rng.integers(len(voxels))].tolist()
-        radius = rng.uniform(*LESION_RADIUS_MM) / np.asarray(spacing, dtype=float)
-        lesion = _ball(organ.shape, centre, radius) & organ
-        shift = float(rng.choice((-1.0, 1.0)) * rng.uniform(*LESION_CONTRAST_HU) * contrast_scale)
-        data[b][:, lesion.to(data.device)] += shift
-        lesions[b] = lesion
-        for t in targets:
-            small = lesion if tuple(t.shape[2:]) == tuple(lesion.shape) else \
-                F.interpolate(lesion[None, None].float(), size=tuple(t.shape[2:]), mode="nearest")[0, 0] > 0.5
-            t[b, organ_c][small.to(t.device)] = 0
+        for organ_c in [c for c in lesion_organs(annotated[b]) if bool(full[b, c].any())]:
+            organ = full[b, organ_c].cpu() > 0
+            voxels = organ.nonzero()
+            centre = voxels[rng.integers(len(voxels))].tolist()
+            radius = rng.uniform(*LESION_RADIUS_MM) / np.asarray(spacing, dtype=float)
+            lesion = _ball(organ.shape, centre, radius) & organ
+            shift = float(rng.choice((-1.0, 1.0)) * lesion_contrast_hu(rng) * contrast_scale)
+            data[b][:, lesion.to(data.device)] += shift
+            lesions[b] |= lesion
+            for t in targets:
+                small = lesion if tuple(t.shape[2:]) == tuple(lesion.shape) else \
+                    F.interpolate(lesion[None, None].float(), size=tuple(t.shape[2:]), mode="nearest")[0, 0] > 0.5
+                t[b, organ_c][small.to(t.device)] = 0
     return data, targets, lesions
 
 
