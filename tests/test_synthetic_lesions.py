@@ -72,7 +72,7 @@ def test_contrast_is_log_uniform_on_its_range():
     hu = np.array([lesion_contrast_hu(rng) for _ in range(20000)])
     lo, hi = LESION_CONTRAST_HU
     assert hu.min() >= lo and hu.max() <= hi
-    # log-uniform: the geometric midpoint splits the draws in half, each decade-fraction equally likely
+    # log-uniform: the geometric midpoint splits the draws in half, and [lo, 2 lo) holds its log share
     assert abs(np.mean(hu < np.sqrt(lo * hi)) - 0.5) < 0.02
     assert abs(np.mean(hu < 2 * lo) - np.log(2) / np.log(hi / lo)) < 0.02
 

@@ -212,12 +212,14 @@ class nnUNetTrainerDSMBase(nnUNetTrainer):
         if self._lesion_rng is None:
             self._lesion_scale = ct_contrast_scale(self.plans_manager, self.configuration_manager)
             self._lesion_rng = np.random.default_rng(torch.initial_seed() % 2 ** 63)
-            self.print_to_log_file(
-                "Synthetic lesions: " + ("off (not a single-channel CT configuration)" if self._lesion_scale is None
-                                         else f"p = {self.synthetic_lesion_probability:g} per case, one per eligible organ, contrast "
-                                              f"{LESION_CONTRAST_HU} HU log-uniform = {LESION_CONTRAST_HU[0] * self._lesion_scale:.3f}"
-                                              f"..{LESION_CONTRAST_HU[1] * self._lesion_scale:.3f} normalised, "
-                                              f"radius {LESION_RADIUS_MM} mm"))
+            if self._lesion_scale is None:
+                what = "off (not a single-channel CT configuration)"
+            else:
+                lo, hi = (hu * self._lesion_scale for hu in LESION_CONTRAST_HU)
+                what = (f"p = {self.synthetic_lesion_probability:g} per case, one per eligible organ, contrast "
+                        f"{LESION_CONTRAST_HU} HU log-uniform = {lo:.3f}..{hi:.3f} normalised, "
+                        f"radius {LESION_RADIUS_MM} mm")
+            self.print_to_log_file("Synthetic lesions: " + what)
         if self._lesion_scale is None:
             return batch
         target = batch["target"]

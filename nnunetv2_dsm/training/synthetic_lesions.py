@@ -8,10 +8,10 @@ pancreas tumour as in the pancreas. Few training cases show a tumour, and none s
 Here, in the training step, a case's patch gets (with probability ``probability``) one lesion in every eligible
 organ it shows: a ball of random radius inside the organ, its intensity shifted by a random CT contrast of either
 sign (log-uniform, so subtle lesions are as common as obvious ones), and that organ's target set to 0 on the lesion
-at every deep-supervision resolution. So every tumour-hosting organ, those of
-the organ-only datasets included, learns that tissue of the wrong attenuation is not its tissue. Only organs that
-host a tumour class (``labels.TUMOR_HOSTS``) and whose tumour classes the case does not annotate get a lesion: on a
-LiTS case a liver lesion would otherwise teach the liver-tumour channel "not a tumour".
+at every deep-supervision resolution. So every tumour-hosting organ, those of the organ-only datasets included,
+learns that tissue of the wrong attenuation is not its tissue. Only organs that host a tumour class
+(``labels.TUMOR_HOSTS``) and whose tumour classes the case does not annotate get a lesion: on a LiTS case a liver
+lesion would otherwise teach the liver-tumour channel "not a tumour".
 
 Only Stage 2 uses it (``nnUNetTrainerDSMStage2.synthetic_lesion_probability``; Stage 1's is 0): Stage 2 is the
 stage whose organ channels feed Eq. 14. Lesions in both stages were measured and reverted (75410ff); in Stage 2
