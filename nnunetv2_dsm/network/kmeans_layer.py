@@ -75,9 +75,9 @@ def kmeans_assignment(response: torch.Tensor) -> torch.Tensor:
     Measured (docs/accuracy.md, "Which queries win the k-means clusters"): in the benchmark's trained models the void
     takes no voxel. The queries of classes no training case annotates get no loss, respond > 0 everywhere and win
     98-100 % of the voxels at every layer; the trained organs win only where their response beats those (Stage 1:
-    nowhere; Stage 2: the liver, on 0.3-0.6 % of the finest layer's voxels). Letting only the trained queries compete was
-    tried on three seeds: the organ mean moved both ways and the kidney-tumour and cyst AUROCs fell on every seed,
-    so it was not kept (nor the same without the void)."""
+    nowhere; Stage 2: the liver, on 0.3-0.6 % of the finest layer's voxels). Letting only the trained queries
+    compete was tried on three seeds: the organ mean moved both ways and the kidney-tumour and cyst AUROCs fell on
+    every seed, so it was not kept (nor the same without the void)."""
     with torch.no_grad():
         best, index = response.max(dim=1)
         onehot = F.one_hot(index, response.shape[1]).transpose(1, 2)
